@@ -10,8 +10,8 @@ class SgrunError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 
 
-class ConfigError(SgrunError):
-    """An invalid configuration value or combination."""
+class ConfigError(SgrunError, ValueError):
+    """An invalid configuration value or combination (also a ``ValueError`` for library users)."""
 
 
 class DataError(SgrunError):

@@ -1,0 +1,3 @@
+from sgrun.cli import main
+
+main()

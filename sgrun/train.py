@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -42,9 +43,10 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     """Train what ``cfg`` describes, log under ``out_dir``, and return the final metrics."""
     check_config(cfg)
     out_dir = Path(out_dir)
-    if (out_dir / SUMMARY).exists():
-        raise SgrunError(f"{out_dir} already holds a finished run: choose another folder with hydra.run.dir=... "
-                         "or delete that one")
+    finished = finished_run(cfg, out_dir)
+    if finished is not None:
+        log.info("%s already holds this finished run: nothing to do", out_dir)
+        return finished
     out_dir.mkdir(parents=True, exist_ok=True)
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
@@ -72,6 +74,22 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         "config": OmegaConf.to_container(cfg, resolve=True),
     })
     return metrics
+
+
+def finished_run(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """The metrics of ``out_dir``'s finished run if it is this very config; another run is never overwritten."""
+    path = out_dir / SUMMARY
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        same = summary["config"] == OmegaConf.to_container(cfg, resolve=True)
+    except (ValueError, KeyError, TypeError):
+        same, summary = False, None
+    if not same:
+        raise SgrunError(f"{out_dir} already holds a different finished run: choose another folder with "
+                         "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m), or delete that one")
+    return summary["metrics"]
 
 
 def choices_of(cfg: DictConfig) -> dict:

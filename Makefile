@@ -1,0 +1,35 @@
+# sgrun — `make help` lists the targets.
+PYTHON ?= python3
+PROFILE ?= cpu
+E ?=
+SEEDS ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint bench reproduce report clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## install sgrun (CPU torch pinned by constraints.txt) with the test tools
+	$(PYTHON) -m pip install -e '.[dev]' -c constraints.txt
+
+test: ## run the test suite (CPU, no network)
+	$(PYTHON) -m pytest -q
+
+lint: ## static checks
+	$(PYTHON) -m ruff check sgrun tests experiments
+
+bench: ## throughput: Bprop / DNI / cDNI steps per second (and the recurrent benchmark when present)
+	$(PYTHON) -m sgrun.bench
+	@if [ -f sgrun/bench_rnn.py ]; then $(PYTHON) -m sgrun.bench_rnn; fi
+
+reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for one, SEEDS=N), then the report
+	$(PYTHON) experiments/reproduce.py --profile $(PROFILE) --seeds $(SEEDS) $(if $(E),--only $(E))
+	$(MAKE) report PROFILE=$(PROFILE)
+
+report: ## write experiments/RESULTS.md and the figures from the runs on disk
+	$(PYTHON) experiments/report.py --profile $(PROFILE)
+
+clean: ## remove caches and build files (never runs/ or data/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

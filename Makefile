@@ -23,12 +23,14 @@ bench: ## throughput: Bprop / DNI / cDNI steps per second (and the recurrent ben
 	$(PYTHON) -m sgrun.bench
 	@if [ -f sgrun/bench_rnn.py ]; then $(PYTHON) -m sgrun.bench_rnn; fi
 
-reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for one, SEEDS=N), then the report
-	$(PYTHON) experiments/reproduce.py --profile $(PROFILE) --seeds $(SEEDS) $(if $(E),--only $(E))
-	$(MAKE) report PROFILE=$(PROFILE)
+reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for one, SEEDS=N, LAUNCHER=local), then the report
+	@# the report is written even when a preset failed; the failure is still the exit status
+	@status=0; $(PYTHON) experiments/reproduce.py --profile $(PROFILE) --seeds $(SEEDS) $(if $(E),--only $(E)) \
+		$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(RUNS),--runs $(RUNS)) || status=$$?; \
+	$(MAKE) --no-print-directory report PROFILE=$(PROFILE) $(if $(RUNS),RUNS=$(RUNS)) && exit $$status
 
-report: ## write experiments/RESULTS.md and the figures from the runs on disk
-	$(PYTHON) experiments/report.py --profile $(PROFILE)
+report: ## write experiments/RESULTS.md and the figures from the runs on disk (runs/<PROFILE>/)
+	$(PYTHON) experiments/report.py --profile $(PROFILE) $(if $(RUNS),--runs $(RUNS))
 
 clean: ## remove caches and build files (never runs/ or data/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -37,6 +37,7 @@ RULES: list[Rule] = [
     ("train.batch_size", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.batch_size=256"),
     ("train.log_every", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.log_every=100"),
     ("train.eval_every", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.eval_every=1000"),
+    ("checkpoint.every", _is_int, "an integer", lambda v: v >= 0, ">= 0", "checkpoint.every=1000"),
     ("train.update_prob", _is_num, "a number", lambda v: 0 <= v <= 1, "in [0, 1]", "train.update_prob=1.0"),
     ("optim.lr", _is_num, "a number", lambda v: v > 0, "> 0", "optim.lr=3e-5"),
     ("optim.gamma", _is_num, "a number", lambda v: 0 < v <= 1, "in (0, 1]", "optim.gamma=0.1"),
@@ -49,6 +50,20 @@ RULES: list[Rule] = [
     ("dni.lr_factor", _is_num, "a number", lambda v: v > 0, "> 0", "dni.lr_factor=1.0"),
     ("dni.synthesizer.hidden", _is_int, "an integer", lambda v: v >= 1, ">= 1", "dni.synthesizer.hidden=1024"),
     ("dni.synthesizer.layers", _is_int, "an integer", lambda v: v >= 0, ">= 0", "dni.synthesizer.layers=2"),
+]
+
+# Recurrent models and sequence tasks (model=rnn; Jaderberg et al. 2017, sec. 3.1)
+RULES += [
+    ("model.k", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.k=3"),
+    ("dni.aux_weight", _is_num, "a number", lambda v: v >= 0, ">= 0", "dni.aux_weight=1.0"),
+    ("data.options.bits", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.options.bits=8"),
+    ("data.options.window", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.options.window=1000"),
+    ("data.options.threshold", _is_num, "a number", lambda v: v > 0, "> 0", "data.options.threshold=0.15"),
+    ("data.eval_batch_size", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.eval_batch_size=64"),
+    ("data.eval_block", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.eval_block=100"),
+    ("train.sg_horizon", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.sg_horizon=40"),
+    ("train.patience", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.patience=5 (or null: never stop early)"),
+    ("train.threads", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.threads=1 (or null: torch's default)"),
 ]
 
 

@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
 # absolute, so that the installed command finds the configs from any folder
@@ -51,7 +52,7 @@ def _main(cfg: DictConfig) -> float | None:
         metrics = run(cfg, out_dir)
     except SgrunError as e:
         if not multirun:
-            fail(str(e))  # exits here, before Hydra adds its own multi-line report
+            fail(str(e), code=130 if isinstance(e, Interrupted) else 2)  # exits here, before Hydra adds its own multi-line report
         (out_dir / FAILED).write_text(str(e) + "\n")
         log.error("job %s failed: %s", hc.job.num, e)
         return None
@@ -91,6 +92,8 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # errors reach us, so they can be said in one line
     try:
         _main()
+    except Interrupted as e:
+        fail(str(e), code=130)
     except SgrunError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:

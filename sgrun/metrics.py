@@ -28,11 +28,11 @@ class NullWriter:
 class Writer(NullWriter):
     """One ``SummaryWriter`` per run, tags ``area/name`` (``loss/train``, ``dni/h1/cosine``)."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self._tb = SummaryWriter(log_dir=str(self.log_dir))
+        self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._tb.add_scalar(tag, float(value), step)

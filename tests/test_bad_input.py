@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from clirun import SMOKE, sgrun
 
 CASES = {

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from configs import PRESETS, make_cfg
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sgrun.build import placement_of
 from sgrun.train import run
-
-from configs import PRESETS, make_cfg
 
 FAST = ["data=synthetic", "device=cpu"]
 FF_PRESETS = [p for p in PRESETS if p.startswith(("mnist", "cifar10", "demo"))]

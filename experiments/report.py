@@ -1,0 +1,241 @@
+"""``make report``: experiments/RESULTS.md and its figures, from the runs on disk.
+
+    python experiments/report.py --profile cpu            # reads runs/cpu/<preset>/<job>/
+    python experiments/report.py --profile smoke --runs /tmp/runs --out /tmp/report
+
+Every number comes from the runs (``summary.json`` and the TensorBoard events, read with
+TensorBoard's ``EventAccumulator``) or from ``reference.yaml`` (the paper's numbers, the table
+layout, the claims); nothing about the results is written here. A cell without a run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import figures
+import yaml
+from rundirs import MISSING, Run, dataset_missing, first_line, load_runs
+from tables import HELD, NO_DATA, NOT_HELD, Table, cell_text, evaluate, fmt
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = HERE / "reference.yaml"
+CONFIDENCE = {
+    "paper": "quoted or confirmed by several sources",
+    "recalled": "recalled, not confirmed by a stored copy of the paper",
+    "secondary": "measured by another implementation, not the paper",
+}
+
+
+def load_reference(path: str | Path = REFERENCE) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def paper_presets(conf_dir: Path = HERE.parent / "conf") -> list[str]:
+    """Every experiment preset that reproduces a paper result (all but the newcomer's demo)."""
+    return sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml") if p.stem != "demo")
+
+
+def build_tables(reference: dict, runs: list[Run]) -> dict[str, Table]:
+    return {spec["id"]: Table(spec, runs) for spec in reference["tables"]}
+
+
+def write_report(profile: str, runs_root: str | Path = "runs", out_dir: str | Path = HERE,
+                 reference: dict | None = None) -> Path:
+    """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile``; return its path."""
+    reference = reference or load_reference()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(runs_root) / profile
+    runs = load_runs(runs_dir)
+    tables = build_tables(reference, runs)
+    drawn = {}
+    for spec in reference.get("figures", []):
+        drawn[spec["file"]] = figures.draw(spec, tables[spec["table"]], out_dir)
+    text = render(reference, tables, runs, profile, runs_dir, drawn)
+    path = out_dir / "RESULTS.md"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: str, runs_dir: Path,
+           drawn: dict[str, str | None]) -> str:
+    pattern = reference["dataset_missing"]
+    out = ["# Results: sgrun next to the paper", ""]
+    out += header(runs, profile, runs_dir, pattern)
+    out += ["", "## The paper's claims on our numbers", ""]
+    out += claims_section(reference, tables)
+    done: set[str] = set()
+    for spec in reference["tables"]:
+        group = spec.get("group") or spec["id"]
+        if group in done:
+            continue
+        done.add(group)
+        members = [tables[s["id"]] for s in reference["tables"] if (s.get("group") or s["id"]) == group]
+        out += ["", f"## {members[0].spec.get('title') or group}", ""]
+        out += table_section(members, pattern)
+    out += ["", "## Figures", ""]
+    out += figures_section(reference, drawn)
+    out += ["", "## Runs per preset", ""]
+    out += runs_section(runs, pattern)
+    out += ["", "## The paper's settings and ours", ""]
+    out += settings_section(reference, runs)
+    return "\n".join(out) + "\n"
+
+
+def header(runs: list[Run], profile: str, runs_dir: Path, pattern: str) -> list[str]:
+    finished = [r for r in runs if r.status == "finished"]
+    failed = [r for r in runs if r.status == "failed"]
+    missing = [r for r in failed if dataset_missing(r, pattern)]
+    unfinished = [r for r in runs if r.status == "unfinished"]
+    minutes = sum(_minutes(r) for r in finished)
+    seeds = sorted({r.seed for r in runs if r.seed is not None}, key=str)
+    budgets = sorted({_budget(r) for r in runs if _budget(r)})
+    lines = [
+        f"Written by `make report PROFILE={profile}` from the runs in `{runs_dir}/` "
+        f"(`make reproduce PROFILE={profile}` runs them). Do not edit: run it again.",
+        "",
+        f"- **Profile**: `{profile}`" + (f" ({'; '.join(budgets)})" if budgets else ""),
+        f"- **Seeds**: {', '.join(map(str, seeds)) or 'none'}; a cell is the mean ± sample std over seeds when several ran",
+        f"- **Runs**: {len(finished)} finished, {len(failed)} failed"
+        + (f" ({len(missing)} because their dataset is not available)" if missing else "")
+        + f", {len(unfinished)} unfinished; {minutes:.1f} minutes of training in all",
+        "",
+        "Each cell reads **ours (paper)**; `–` means no number is known. The paper's numbers carry a "
+        "confidence: " + "; ".join(f"*{k}*: {v}" for k, v in CONFIDENCE.items()) + ".",
+    ]
+    return lines
+
+
+def _minutes(run: Run) -> float:
+    value = run.get("metrics.minutes")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _budget(run: Run) -> str:
+    p = run.get("config.profile")
+    if not isinstance(p, dict):
+        return ""
+    keys = ("step_fraction", "lr_factor", "max_steps", "eval_limit")
+    return ", ".join(f"{k} {p[k]}" for k in keys if p.get(k) is not None)
+
+
+def _seed_count(table: Table) -> int:
+    return len({r.seed for r in table.runs})
+
+
+def table_section(members: list[Table], pattern: str) -> list[str]:
+    """One markdown table; tables of one group share their columns and get a first column naming each."""
+    first = members[0]
+    col_axis = first.spec["columns"]
+    heads = [f"{col_axis['label']} = {c.label}" if "key" in col_axis else c.label for c in first.columns]
+    grouped = len(members) > 1
+    lead = (["task"] if grouped else []) + [first.spec["rows"]["label"]]
+    lines = ["| " + " | ".join(lead + heads) + " |", "|" + "---|" * (len(lead) + len(heads))]
+    for table in members:
+        seeds = _seed_count(table)
+        for row in table.rows:
+            cells = [cell_text(table, row.label, c.label, pattern, seeds) for c in table.columns]
+            lead_cells = ([table.spec.get("short", table.id)] if grouped else []) + [row.label]
+            lines.append("| " + " | ".join(lead_cells + cells) + " |")
+    lines.append("")
+    for table in members:
+        paper = table.spec.get("paper") or {}
+        what = f"{table.spec['short']}: " if grouped else ""
+        unit = f"{table.spec['unit']}. " if table.spec.get("unit") else ""
+        note = f" {paper['note']}" if paper.get("note") else ""
+        numbers = (f" In parentheses: {paper.get('source', 'the paper')} [{paper.get('confidence', 'paper')}]."
+                   if paper.get("values") else "")
+        lines.append(f"- {what}{unit}Paper, {table.spec.get('section', '')}.{numbers}{note}")
+    return lines
+
+
+def claims_section(reference: dict, tables: dict[str, Table]) -> list[str]:
+    lines = ["| verdict | claim | on our numbers | on the paper's numbers | source |", "|---|---|---|---|---|"]
+    for claim in reference.get("claims", []):
+        ours = evaluate(claim, tables)
+        paper = evaluate(claim, tables, on_paper=True)
+        mark = {HELD: "**held**", NOT_HELD: "**not held**", NO_DATA: "no data"}[ours.verdict]
+        paper_text = "–" if paper.verdict == NO_DATA else f"{paper.verdict} ({paper.detail})"
+        lines.append(f"| {mark} | {claim['text']} | {ours.detail or '–'} | {paper_text} | "
+                     f"{claim['source']} [{claim['confidence']}] |")
+    lines += ["", "A claim holds when it holds at every position (depth, k, ...) where both sides have a "
+              "number; thresholds are in `experiments/reference.yaml`."]
+    return lines
+
+
+def figures_section(reference: dict, drawn: dict[str, str | None]) -> list[str]:
+    lines = []
+    for spec in reference.get("figures", []):
+        reason = drawn.get(spec["file"])
+        if reason is None:
+            lines += [f"### {spec['title']}", "", f"![{spec['title']}]({spec['file']})", ""]
+        else:
+            lines += [f"- *{spec['title']}*: not drawn: {reason}."]
+    return lines
+
+
+def runs_section(runs: list[Run], pattern: str) -> list[str]:
+    by_preset: dict[str, list[Run]] = {p: [] for p in paper_presets()}
+    for run in runs:
+        by_preset.setdefault(str(run.get("preset")), []).append(run)
+    lines = ["| preset | finished | failed | unfinished | seeds | training minutes | note |", "|---|---|---|---|---|---|---|"]
+    for preset, preset_runs in sorted(by_preset.items()):
+        n = {s: sum(r.status == s for r in preset_runs) for s in ("finished", "failed", "unfinished")}
+        seeds = ", ".join(map(str, sorted({r.seed for r in preset_runs if r.seed is not None}, key=str)))
+        minutes = sum(_minutes(r) for r in preset_runs if r.status == "finished")
+        failed = [r for r in preset_runs if r.status == "failed"]
+        if not preset_runs:
+            note = "not run"
+        elif failed and all(dataset_missing(r, pattern) for r in failed):
+            note = f"dataset not available: {first_line(failed[0].message)}"
+        elif failed:
+            note = f"failed: {first_line(failed[0].message)} (see {failed[0].path}/FAILED)"
+        else:
+            note = ""
+        lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | {seeds or '–'} | "
+                     f"{minutes:.1f} | {note.replace('|', '/')} |")
+    return lines
+
+
+def settings_section(reference: dict, runs: list[Run]) -> list[str]:
+    lines = ["| setting | paper | confidence | our runs |", "|---|---|---|---|"]
+    for s in reference.get("settings", []):
+        ours = "–"
+        if s.get("config"):
+            chosen = [r for r in runs if r.matches(s.get("where"))]
+            found = sorted({_show(v) for r in chosen if (v := r.get(s["config"])) is not MISSING})
+            ours = ", ".join(found) if found else ("not run" if not chosen else "not in the config")
+        lines.append(f"| {s['name']} | {_show(s['value'])} | {s['confidence']} | {ours} |")
+    return lines
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return fmt(value, 6).rstrip("0").rstrip(".") if abs(value) >= 1e-3 else f"{value:g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu", help="the profile whose runs to report (runs/<profile>/)")
+    parser.add_argument("--runs", default="runs", help="the folder holding <profile>/<preset>/<job>/ (default: runs)")
+    parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and the figures go (default: experiments/)")
+    parser.add_argument("--reference", default=str(REFERENCE), help="the paper's numbers and the table layout")
+    args = parser.parse_args(argv)
+    path = write_report(args.profile, args.runs, args.out, load_reference(args.reference))
+    pngs = sorted(p.name for p in path.parent.glob("fig_*.png"))
+    print(f"report: wrote {path}" + (f" and {len(pngs)} figure(s): {', '.join(pngs)}" if pngs else " (no figures yet)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""``make reproduce``: run every paper preset as a resumable multirun (``make`` then writes the report).
+
+    python experiments/reproduce.py --profile cpu                   # every preset, seed 0
+    python experiments/reproduce.py --profile cpu --seeds 3         # seeds 0, 1, 2
+    python experiments/reproduce.py --profile smoke --only mnist_fcn,mnist_cnn
+    python experiments/reproduce.py --profile cpu --launcher local  # jobs in parallel on every core
+    python experiments/reproduce.py --profile smoke -- data=synthetic model.layers=3   # extra overrides
+
+A preset runs as ``sgrun -m experiment=<preset> profile=<profile> hydra.sweep.dir=<runs>/<profile>/<preset>``.
+The fixed folder is what makes a reproduction resumable: every job lands in the same folder each
+time, and ``sgrun`` returns a finished run's metrics without training again when the folder's
+``summary.json`` holds the same config. So after an interruption (Ctrl-C, a killed job, a reboot)
+the same command trains only the runs that have no ``summary.json`` yet.
+
+Seeds: seed 0 is the preset's own sweep, the very folders of ``sgrun -m experiment=<preset>
+hydra.sweep.dir=...``; seed s > 0 is a second multirun of the same sweep with ``seed=s`` (its
+folders end in ``,seed=s``). One multirun per seed keeps Hydra's job numbers, and so the folder
+names, the same whatever ``--seeds`` is: raising ``--seeds`` later only adds runs.
+
+A preset whose jobs fail (a job writes ``FAILED``) is reported and the next preset runs. The exit
+code is 0 when every failure is a missing dataset (e.g. CIFAR-10, which cannot be downloaded
+everywhere: the report says "dataset not available"), 1 when anything else failed, 130 when
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from report import REFERENCE, load_reference, paper_presets
+from rundirs import FAILED, dataset_missing, first_line, load_run
+
+ROOT = Path(__file__).resolve().parent.parent  # sgrun is started here, so data_dir=data resolves
+
+
+@dataclass
+class Outcome:
+    preset: str
+    jobs: int
+    finished: int
+    finished_before: int
+    failed: list  # the failed runs
+    error: str  # sgrun's own error when the sweep could not start
+    minutes: float
+
+
+def sgrun_command(preset: str, profile: str, sweep_dir: Path, seed: int, launcher: str | None,
+                  extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "sgrun", "-m", f"experiment={preset}", f"profile={profile}",
+           f"hydra.sweep.dir={sweep_dir}"]
+    if seed:
+        cmd.append(f"seed={seed}")
+    if launcher:
+        cmd.append(f"hydra/launcher={launcher}")
+    return cmd + list(extra)
+
+
+def job_runs(sweep_dir: Path) -> list:
+    runs = (load_run(job) for job in sorted(sweep_dir.iterdir()) if job.is_dir()) if sweep_dir.is_dir() else []
+    return [run for run in runs if run is not None]
+
+
+def run_logged(cmd: list[str], log_path: Path) -> int:
+    """Run ``cmd`` with its output appended to ``log_path``; stop it too if we are interrupted."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        # its own process group, so that stopping it also stops the launcher's worker processes
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait()
+        except BaseException:
+            # interrupted: the finished jobs are on disk already; the running one will be redone
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+
+
+def reproduce_preset(preset: str, args, extra: list[str]) -> Outcome:
+    sweep_dir = Path(args.runs).resolve() / args.profile / preset
+    before = job_runs(sweep_dir)
+    # a job that failed last time is run again; its old FAILED marker would report it failed even if
+    # it succeeds now (sgrun writes FAILED on failure but never removes one)
+    for run in before:
+        if run.status == "failed" and not args.dry_run:
+            (run.path / FAILED).unlink(missing_ok=True)
+    start = time.time()
+    log_path = sweep_dir / "reproduce.log"
+    error = ""
+    for seed in range(args.seeds):
+        cmd = sgrun_command(preset, args.profile, sweep_dir, seed, args.launcher, extra)
+        if args.dry_run:
+            print(" ".join(cmd))
+            continue
+        print(f"  {preset}: seed {seed} running (log: {_shown(log_path)})", flush=True)
+        code = run_logged(cmd, log_path)
+        if code not in (0, 1):  # 1: some jobs failed (they wrote FAILED); else the sweep did not run
+            error = _last_line(log_path) or f"sgrun exited with code {code}"
+    after = job_runs(sweep_dir)
+    return Outcome(preset=preset, jobs=len(after), finished=sum(r.status == "finished" for r in after),
+                   finished_before=sum(r.status == "finished" for r in before),
+                   failed=[r for r in after if r.status == "failed"], error=error,
+                   minutes=(time.time() - start) / 60)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Overrides after -- go to every sweep.")
+    parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke (conf/profile/)")
+    parser.add_argument("--seeds", type=int, default=1, help="run seeds 0 .. N-1 (default 1)")
+    parser.add_argument("--only", default="", help="comma-separated presets (default: every paper preset)")
+    parser.add_argument("--runs", default="runs", help="runs go to <runs>/<profile>/<preset>/ (default: runs)")
+    parser.add_argument("--launcher", default=None, help="a Hydra launcher, e.g. local (conf/hydra/launcher/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sgrun commands only")
+    args = parser.parse_args(argv)
+    presets = paper_presets()
+    chosen = [p.strip() for p in args.only.split(",") if p.strip()] or presets
+    unknown = [p for p in chosen if p not in presets]
+    if unknown:
+        parser.error(f"unknown preset(s) {', '.join(unknown)}: choose from {', '.join(presets)}")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1 (got {args.seeds})")
+
+    pattern = load_reference(REFERENCE)["dataset_missing"]
+    print(f"reproduce: {len(chosen)} preset(s), profile {args.profile}, seeds 0..{args.seeds - 1}, "
+          f"runs in {Path(args.runs) / args.profile}/", flush=True)
+    start, status = time.time(), 0
+    try:
+        for preset in chosen:
+            o = reproduce_preset(preset, args, extra)
+            if args.dry_run:
+                continue
+            print(f"{preset:<22} {o.finished}/{o.jobs} runs finished ({o.finished_before} before), "
+                  f"{len(o.failed)} failed, {o.minutes:.1f} min", flush=True)
+            missing = [r for r in o.failed if dataset_missing(r, pattern)]
+            if missing:
+                print(f"{'':<22} dataset not available: {first_line(missing[0].message)}")
+            others = [r for r in o.failed if r not in missing]
+            if others:
+                status = 1
+                print(f"{'':<22} failed: {first_line(others[0].message)} (see {_shown(others[0].path / FAILED)})")
+            if o.error:
+                status = 1
+                print(f"{'':<22} sgrun could not run the sweep: {o.error}")
+    except KeyboardInterrupt:
+        print("reproduce: interrupted; run the same command again to finish the remaining runs", file=sys.stderr)
+        return 130
+    print(f"reproduce: done in {(time.time() - start) / 60:.1f} min", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the current sweep as Ctrl-C does
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The runs on disk, as the report and the reproduction script see them.
+
+A run is one job folder of a multirun, ``<runs>/<profile>/<preset>/<job>/``, as ``sgrun -m`` leaves it:
+
+* ``summary.json``: written at the end of a finished run (status, metrics, choices, resolved config);
+* ``FAILED``: written instead when the job failed (the error message);
+* ``.hydra/``: Hydra's record of the job (the config and the chosen config files), written first,
+  so a failed or unfinished run still says which table cell it belongs to;
+* ``tb/``: the TensorBoard event files, read here with TensorBoard's own ``EventAccumulator``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUMMARY = "summary.json"
+FAILED = "FAILED"  # the name sgrun.cli writes
+MISSING = object()  # a path that a run does not have (distinct from a value of None)
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str  # finished | failed | unfinished
+    record: dict[str, Any] = field(repr=False)  # {"preset": ..., "choice": {...}, "choices": {...}, "config": {...}, "metrics": {...}}
+    message: str = ""  # the FAILED text
+
+    def get(self, path: str) -> Any:
+        """The value at ``path`` ("config.model.layers"), trying each of "a|b" in turn; MISSING if none."""
+        for alternative in path.split("|"):
+            node: Any = self.record
+            for part in alternative.strip().split("."):
+                if isinstance(node, dict) and part in node:
+                    node = node[part]
+                else:
+                    node = MISSING
+                    break
+            if node is not MISSING:
+                return node
+        return MISSING
+
+    def matches(self, match: dict[str, list] | None) -> bool:
+        """True when every path of ``match`` holds one of its accepted values (null accepts a missing path)."""
+        for path, accepted in (match or {}).items():
+            value = self.get(path)
+            if value is MISSING:
+                if None not in accepted:
+                    return False
+            elif not any(same(value, a) for a in accepted):
+                return False
+        return True
+
+    @cached_property
+    def scalars(self) -> dict[str, list[tuple[int, float]]]:
+        """Every scalar tag of the run's TensorBoard events: ``{tag: [(step, value), ...]}``."""
+        return read_scalars(self.path / "tb")
+
+    @property
+    def last_step(self) -> int:
+        """The last training step logged (the hparams summary at step 0 aside)."""
+        steps = [s for tag, points in self.scalars.items() if not tag.startswith("hparam/") for s, _ in points]
+        return max(steps, default=0)
+
+    @property
+    def seed(self) -> Any:
+        seed = self.get("config.seed")
+        return None if seed is MISSING else seed
+
+
+def same(value: Any, accepted: Any) -> bool:
+    """Config values compared as a reader would: 1 == 1.0 == "1", but True is not 1."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return value is accepted or str(value).lower() == str(accepted).lower()
+    try:
+        return math.isclose(float(value), float(accepted), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return str(value) == str(accepted)
+
+
+def load_run(job: Path) -> Run | None:
+    """The run in job folder ``job``, or None when the folder holds no run."""
+    summary_path, failed_path, hydra_dir = job / SUMMARY, job / FAILED, job / ".hydra"
+    if not (summary_path.exists() or failed_path.exists() or hydra_dir.is_dir()):
+        return None
+    record: dict[str, Any] = {"choice": {}, "choices": {}, "config": {}, "metrics": {}}
+    hydra_yaml = _read_yaml(hydra_dir / "hydra.yaml")
+    record["choice"] = dict(((hydra_yaml.get("hydra") or {}).get("runtime") or {}).get("choices") or {})
+    record["config"] = _read_yaml(hydra_dir / "config.yaml")
+    status, message = "unfinished", ""
+    summary = _read_json(summary_path)
+    if summary.get("status") == "finished":
+        # summary.json is written last and holds the resolved config: it wins over .hydra/
+        status = "finished"
+        record.update(config=summary.get("config") or record["config"], choices=summary.get("choices") or {},
+                      metrics=summary.get("metrics") or {})
+    elif failed_path.exists():
+        status, message = "failed", failed_path.read_text(errors="replace").strip()
+    if not record["choice"]:
+        record["choice"] = dict(record["choices"])
+    record["preset"] = (record["choice"].get("experiment") or record["choices"].get("experiment")
+                        or record["config"].get("name") or job.parent.name)
+    return Run(path=job, status=status, record=record, message=message)
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """Every run under ``root`` (``<runs>/<profile>``): its ``<preset>/<job>`` folders."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = (load_run(job) for job in sorted(root.glob("*/*")) if job.is_dir())
+    return [run for run in runs if run is not None]
+
+
+def dataset_missing(run: Run, pattern: str) -> bool:
+    """A failed run whose error says that its dataset is not on this machine."""
+    return run.status == "failed" and re.search(pattern, run.message) is not None
+
+
+def first_line(text: str, width: int = 160) -> str:
+    """The last line of a traceback, or the first line of a one-line error, shortened."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every event file in ``tb_dir``, read with TensorBoard's ``EventAccumulator``.
+
+    A run that was killed and started again leaves an older event file next to the new one; the
+    newer file is the finished run's, so for each tag the newest file that has it wins (event file
+    names start with their creation time; the hparams file sgrun writes at the end only adds tags).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(tb_dir.glob("events.out.tfevents.*"), key=_event_file_order) if tb_dir.is_dir() else []
+    for path in files:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            tags[tag] = [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+    return tags
+
+
+def _event_file_order(path: Path) -> tuple[int, str]:
+    # events.out.tfevents.<unix time>.<host>.<pid>.<n>: the time, then the name for files of one second
+    parts = path.name.split(".")
+    stamp = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+    return stamp, path.name
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}

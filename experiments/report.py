@@ -170,13 +170,15 @@ def claims_section(reference: dict, tables: dict[str, Table]) -> list[str]:
 
 
 def figures_section(reference: dict, drawn: dict[str, str | None]) -> list[str]:
-    lines = []
+    lines, skipped = [], []
     for spec in reference.get("figures", []):
         reason = drawn.get(spec["file"])
         if reason is None:
             lines += [f"### {spec['title']}", "", f"![{spec['title']}]({spec['file']})", ""]
         else:
-            lines += [f"- *{spec['title']}*: not drawn: {reason}."]
+            skipped.append(f"- *{spec['title']}*: not drawn: {reason}.")
+    if skipped:
+        lines += ["Not drawn yet:", ""] + skipped
     return lines
 
 

@@ -134,29 +134,32 @@ def first_line(text: str, width: int = 160) -> str:
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of every event file in ``tb_dir``, read with TensorBoard's ``EventAccumulator``.
+    """Scalars of the event files in ``tb_dir``, read as TensorBoard reads them (``EventAccumulator``).
 
-    A run that was killed and started again leaves an older event file next to the new one; the
-    newer file is the finished run's, so for each tag the newest file that has it wins (event file
-    names start with their creation time; the hparams file sgrun writes at the end only adds tags).
+    A run that was interrupted and ran again leaves several event files. Reading the folder as one
+    stream, in file order, lets the accumulator drop what the later run replaced when the new writer
+    starts with a purge step (a resumed run: the old events from that step on go). A run started
+    again from scratch has no purge step; its steps go back instead, and the old events of a tag from
+    that step on are dropped here (TensorBoard's own rule for files without a session log).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags: dict[str, list[tuple[int, float]]] = {}
-    files = sorted(tb_dir.glob("events.out.tfevents.*"), key=_event_file_order) if tb_dir.is_dir() else []
-    for path in files:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every point
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            tags[tag] = [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
-    return tags
+    if not tb_dir.is_dir():
+        return {}
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: _drop_replaced([(int(e.step), float(e.value)) for e in acc.Scalars(tag)])
+            for tag in acc.Tags().get("scalars", [])}
 
 
-def _event_file_order(path: Path) -> tuple[int, str]:
-    # events.out.tfevents.<unix time>.<host>.<pid>.<n>: the time, then the name for files of one second
-    parts = path.name.split(".")
-    stamp = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-    return stamp, path.name
+def _drop_replaced(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Points in reading order; a step that goes back replaces the earlier points from that step on."""
+    kept: list[tuple[int, float]] = []
+    for step, value in points:
+        while kept and kept[-1][0] >= step:
+            kept.pop()
+        kept.append((step, value))
+    return kept
 
 
 def _read_json(path: Path) -> dict:

@@ -116,20 +116,8 @@ class Table:
 
 
 def select_runs(spec: dict, runs: list[Run]) -> list[Run]:
-    """The runs of a table: those matching ``where``, from presets that sweep (or fix) a key when asked."""
-    chosen = [run for run in runs if run.matches(spec.get("where"))]
-    varies, fixed = spec.get("preset_varies"), spec.get("preset_fixed")
-    if not (varies or fixed):
-        return chosen
-    by_preset: dict[str, list[Run]] = {}
-    for run in chosen:
-        by_preset.setdefault(run.get("preset"), []).append(run)
-    keep = []
-    for preset_runs in by_preset.values():
-        distinct = {repr(run.get(varies or fixed)) for run in preset_runs}
-        if (varies and len(distinct) > 1) or (fixed and len(distinct) == 1):
-            keep.extend(preset_runs)
-    return keep
+    """The runs of a table: those matching its ``where``."""
+    return [run for run in runs if run.matches(spec.get("where"))]
 
 
 def fmt(value: Any, digits: int) -> str:

@@ -29,8 +29,10 @@ def placement_of(dni: DictConfig) -> Placement | None:
         spec = SynthesizerSpec(kind=s.kind, hidden=s.hidden, layers=s.layers, kernel=s.kernel, batchnorm=s.batchnorm)
     except ValueError as e:
         raise ConfigError(f"{e}: fix dni.synthesizer") from None
+    si = dni.get("synthetic_input")
+    inputs = SynthesizerSpec(kind="mlp", hidden=si.hidden, layers=si.layers) if si else None
     return Placement(cuts=tuple(cuts), synthesizer=spec, conditioned=bool(dni.conditioned), mode=dni.mode,
-                     scale=float(dni.scale))
+                     scale=float(dni.scale), synthetic_input=inputs)
 
 
 def build_model(cfg: DictConfig, **runtime) -> torch.nn.Module:
@@ -55,7 +57,8 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, steps: int, lr: flo
     Jaderberg et al. 2017, sec. 3.3: Adam, lr 3e-5, divided by 10 at 300k and 400k of 500k steps
     (``optim.decay_at: [0.6, 0.8]``).
     """
-    synth = {id(p) for i in interfaces_of(model) for p in i.synthesizer.parameters()}
+    # synthesizers and input models (everything in an interface) share the synthesizer learning rate
+    synth = {id(p) for i in interfaces_of(model) for p in i.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in synth], "lr": lr}]
     synth_params = [p for p in model.parameters() if id(p) in synth]
     if synth_params:

@@ -108,8 +108,8 @@ def claim_row(text: str, claim: str) -> str:
 
 def test_cells_read_ours_then_paper(runs, tmp_path):
     text = write(runs, tmp_path / "out")
-    # Bprop at 3 layers: two seeds, mean ± sample std; a depth without runs says so
-    assert table_row(text, "3").startswith("| 3 | 2.10 ± 0.14 (–) | 3.00 (–) | 2.30 (–) |")
+    # Bprop at 3 layers: two seeds, mean ± sample std; fewer seeds elsewhere and depths without runs say so
+    assert table_row(text, "3") == "| 3 | 2.10 ± 0.14 (–) | 3.00 [1 of 2 seeds] (–) | 2.30 [1 of 2 seeds] (–) |"
     assert table_row(text, "5") == "| 5 | not run (–) | not run (–) | not run (–) |"
     # Table 1: our largest N next to the paper's; k found under model.k or train.k
     copy_rows = [line for line in text.splitlines() if line.startswith("| Copy, largest N |")]
@@ -168,6 +168,32 @@ def test_figures_are_png_files_and_missing_ones_are_noted(runs, tmp_path):
     assert "*Penn Treebank, validation BPC against samples seen*: not drawn" in text
 
 
+def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
+    # the stochastic-update sweep ...
+    for p in (1.0, 0.2, 0.05):
+        for dni in ("every_layer", "cdni"):
+            err = 2 + 0.1 / p
+            make_run(runs, "mnist_fcn_update_prob", f"{p}_{dni}", dni=dni, model__name="fcn", model__layers=4,
+                     data__name="mnist", train__update_prob=p, metrics={"test_error": err},
+                     scalars={"error/test": [(1000, 3 * err), (2000, err)]})
+    # ... and the two networks at two timescales, whatever their error tags are called
+    for coupling, b_error in (("none", 0.8), ("dni", 0.3), ("bptt", 0.2)):
+        make_run(runs, "two_timescale", coupling, dni="none", model__name="hrnn", model__coupling=coupling,
+                 metrics={"error_a": 0.1, "error_b": b_error},
+                 scalars={"error/a": [(100, 0.5), (200, 0.1)], "error/b": [(100, 0.9), (200, b_error)]})
+    out = tmp_path / "out"
+    text = write(runs, out)
+    updates = text.split("## Stochastic updates")[1]
+    assert table_row(updates, "0.2").startswith("| 0.2 | 2.50 (–) | 2.50 (3.05) | not run (–) |")
+    assert table_row(updates, "0.5") == "| 0.5 | not run (–) | not run (–) | not run (–) | not run (–) |"
+    assert table_row(text, "DNI") == "| DNI | 0.10 (–) | 0.30 (–) |"
+    assert claim_row(text, "With stochastic updates, cDNI still trains at update_prob 0.05").startswith("| **held** |")
+    assert claim_row(text, "Network B learns from A's messages with DNI coupling (B's error below the uncoupled one)"
+                     ).startswith("| **held** |")
+    for name in ("fig_update_prob.png", "fig_two_timescale_errors.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+
+
 def test_error_bands_average_seeds_on_a_samples_axis(runs):
     from curves import mean_curve
 
@@ -179,17 +205,23 @@ def test_error_bands_average_seeds_on_a_samples_axis(runs):
     assert list(xs) == [2560, 5120, 7680] and list(mean) == [1, 8, 16]
 
 
-def test_newest_event_file_wins_after_a_restart(tmp_path):
-    # a run killed at step 200 and run again from the start leaves two event files in tb/
+@pytest.mark.parametrize("purge_step,expected", [
+    (None, [(100, 9.0), (200, 4.0), (300, 2.0)]),  # started again from scratch: the new curve only
+    (201, [(100, 50.0), (200, 40.0), (300, 2.0)]),  # resumed from a checkpoint at step 200: joined
+])
+def test_event_files_of_an_interrupted_run_are_joined_as_tensorboard_does(tmp_path, purge_step, expected):
+    # the first run logged up to step 300 and was killed; then a second writer in the same tb/
     root = tmp_path / "runs"
-    folder = make_run(root, "mnist_fcn", "0", dni="none", model__layers=3, scalars={"error/test": [(100, 50.0), (200, 40.0)]})
+    folder = make_run(root, "mnist_fcn", "0", dni="none", model__layers=3,
+                      scalars={"error/test": [(100, 50.0), (200, 40.0), (300, 30.0)]})
     first = next((folder / "tb").glob("events*"))
-    first.rename(first.with_name("events.out.tfevents.1000000000.host.1.0"))
-    writer = SummaryWriter(log_dir=str(folder / "tb"))
-    for step, value in [(100, 9.0), (200, 4.0), (300, 2.0)]:
-        writer.add_scalar("error/test", value, step)
+    first.rename(first.with_name("events.out.tfevents.1000000000.host.1.0"))  # older than the next one
+    writer = SummaryWriter(log_dir=str(folder / "tb"), purge_step=purge_step)
+    for step, value in expected:
+        if purge_step is None or step >= purge_step:
+            writer.add_scalar("error/test", value, step)
     writer.close()
-    assert load_run(folder).scalars["error/test"] == [(100, 9.0), (200, 4.0), (300, 2.0)]
+    assert load_run(folder).scalars["error/test"] == expected
 
 
 def test_seeds_are_one_multirun_each_with_stable_folders(tmp_path):

@@ -123,6 +123,7 @@ class Placement:
     conditioned: bool = False
     mode: str = "synthetic"
     scale: float = 1.0
+    synthetic_input: SynthesizerSpec | None = None  # also predict each cut's input from x (complete unlock)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cuts", tuple(self.cuts))
@@ -144,14 +145,28 @@ class Placement:
         return tuple(c for c in available if c in self.cuts)
 
 
-def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, ...]], context_dim: int = 0) -> nn.ModuleDict:
-    """One :class:`BackwardInterface` per placed cut; ``shapes`` maps every cut to its activation shape."""
+def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, ...]], context_dim: int = 0,
+                     in_shape: tuple[int, ...] | None = None) -> nn.ModuleDict:
+    """One interface per placed cut; ``shapes`` maps every cut to its activation shape.
+
+    With ``placement.synthetic_input`` the interfaces are :class:`~sgrun.dni.forward.UnlockedInterface`
+    (synthetic input from the data input of shape ``in_shape``, and synthetic gradient).
+    """
+    from sgrun.dni.forward import InputSynthesizer, UnlockedInterface
+
     interfaces = nn.ModuleDict()
     if placement is None:
         return interfaces
+    si = placement.synthetic_input
+    if si is not None and in_shape is None:
+        raise ConfigError("synthetic inputs need the model's input shape (in_shape)")
     for cut in placement.resolve(list(shapes)):
         synth = build_synthesizer(placement.synthesizer, shapes[cut], context_dim if placement.conditioned else 0)
-        interfaces[cut] = BackwardInterface(synth, placement.scale, placement.mode, name=cut)
+        if si is None:
+            interfaces[cut] = BackwardInterface(synth, placement.scale, placement.mode, name=cut)
+        else:
+            model_in = InputSynthesizer(in_shape, shapes[cut], hidden=si.hidden, layers=si.layers)
+            interfaces[cut] = UnlockedInterface(synth, model_in, placement.scale, placement.mode, name=cut)
     return interfaces
 
 

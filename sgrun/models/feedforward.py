@@ -22,20 +22,22 @@ class FeedForward(nn.Module):
     """
 
     def __init__(self, blocks: list[nn.Module], head: nn.Module, shapes: list[tuple[int, ...]],
-                 placement: Placement | None, context_dim: int) -> None:
+                 placement: Placement | None, context_dim: int, in_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.cut_names = [f"h{i + 1}" for i in range(len(blocks))]
         self.cut_shapes = dict(zip(self.cut_names, shapes))
-        self.interfaces = build_interfaces(placement, self.cut_shapes, context_dim)
+        self.interfaces = build_interfaces(placement, self.cut_shapes, context_dim, in_shape=tuple(in_shape))
+        self.unlocked = placement is not None and placement.synthetic_input is not None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         h = x
         for name, block in zip(self.cut_names, self.blocks):
             h = block(h)
             if name in self.interfaces:
-                h = self.interfaces[name](h, context)
+                # complete unlock: the interface also needs x, to predict this cut's input from it
+                h = self.interfaces[name](h, context, x) if self.unlocked else self.interfaces[name](h, context)
         return self.head(h)
 
     def layer_groups(self) -> list[list[nn.Module]]:
@@ -69,7 +71,7 @@ class FCN(FeedForward):
                                         nn.BatchNorm1d(hidden), nn.ReLU()))
         shapes = [(hidden,)] * (layers - 1)
         head = nn.Sequential(nn.Flatten(), nn.Linear(hidden if layers > 1 else in_dim, num_classes))
-        super().__init__(blocks, head, shapes, placement, num_classes)
+        super().__init__(blocks, head, shapes, placement, num_classes, in_shape)
 
 
 class CNN(FeedForward):
@@ -93,4 +95,4 @@ class CNN(FeedForward):
             hgt, wid = (hgt + 1) // 2, (wid + 1) // 2
             shapes.append((channels, hgt, wid))
         head = nn.Sequential(nn.Flatten(), nn.Linear(channels * hgt * wid, num_classes))
-        super().__init__(blocks, head, shapes, placement, num_classes)
+        super().__init__(blocks, head, shapes, placement, num_classes, in_shape)

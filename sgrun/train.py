@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -97,15 +98,9 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         log.info("resuming %s from step %d", out_dir, saved["loop"]["step"])
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else None)
-    family = cfg.model.family
     try:
         with ckpt:
-            if family == "feedforward":
-                metrics, model = train_classifier(cfg, session)
-            else:
-                from sgrun import train_rnn
-
-                metrics, model = train_rnn.LOOPS[family](cfg, session)
+            metrics, model = loop_of(cfg.model.family)(cfg, session)
         metrics["minutes"] = session.minutes()
         session.writer.hparams(hparams_of(cfg), {k: v for k, v in metrics.items() if k != "history"})
     finally:
@@ -119,6 +114,17 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     torch.save(model.state_dict(), out_dir / "model.pt")  # the trained model, without optimizer state
     ckpt.clear()
     return metrics
+
+
+# model family -> module holding its training loop ``LOOPS[family](cfg, session) -> (metrics, model)``
+LOOP_MODULES = {"feedforward": "sgrun.train", "rnn": "sgrun.train_rnn", "hrnn": "sgrun.train_hrnn"}
+
+
+def loop_of(family: str):
+    if family not in LOOP_MODULES:
+        raise SgrunError(f"model.family must be one of {', '.join(LOOP_MODULES)} (got {family!r}): choose "
+                         "model=fcn|cnn|rnn|hrnn")
+    return importlib.import_module(LOOP_MODULES[family]).LOOPS[family]
 
 
 # Settings that change how a run is carried out, not what it computes: a run resumed or re-run with
@@ -312,3 +318,6 @@ def train_classifier(cfg: DictConfig, session: Session) -> dict:
     metrics = {"test_error": history[-1][1], "best_test_error": min(e for _, e in history), "steps": steps,
                "history": history}
     return metrics, model
+
+
+LOOPS = {"feedforward": train_classifier}

@@ -1,7 +1,11 @@
 """Bad input: one clear line naming the problem and the fix, exit code 2, earlier results intact."""
 
+import gzip
+import hashlib
 import os
+import struct
 
+import numpy as np
 import pytest
 from clirun import SMOKE, sgrun
 
@@ -70,3 +74,90 @@ def test_output_folder_that_is_a_file(tmp_path):
     r = sgrun(*SMOKE, "hydra.run.dir=taken/run", cwd=tmp_path)
     assert_one_line_error(r, ["cannot write", "hydra.run.dir="])
     assert (tmp_path / "taken").read_text() == "a file, not a folder\n"
+
+
+MNIST = {"train-images-idx3-ubyte": (2051, (20, 28, 28)), "train-labels-idx1-ubyte": (2049, (20,)),
+         "t10k-images-idx3-ubyte": (2051, (10, 28, 28)), "t10k-labels-idx1-ubyte": (2049, (10,))}
+
+
+def idx_bytes(magic, shape, seed=0):
+    body = np.random.default_rng(seed).integers(0, 10 if len(shape) == 1 else 256, size=shape, dtype=np.uint8)
+    return struct.pack(f">I{len(shape)}I", magic, *shape) + body.tobytes()
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    """Small MNIST-format files and an override that accepts their md5s (as if they were official)."""
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    sums = {}
+    for name, (magic, shape) in MNIST.items():
+        data = idx_bytes(magic, shape)
+        (folder / name).write_bytes(data)
+        sums[name] = hashlib.md5(data).hexdigest()
+    override = "+data.options.checksums={" + ",".join(f"{k}:{v}" for k, v in sums.items()) + "}"
+    return folder, override
+
+
+def run_mnist(tmp_path, override):
+    return sgrun("data=mnist", "data.download=false", "profile=smoke", "device=cpu", override,
+                 "hydra.run.dir=new", cwd=tmp_path)
+
+
+def test_generated_mnist_files_load_through_the_cli(tmp_path, mnist_dir):
+    """The control for the cases below: intact files with matching checksums train fine."""
+    r = run_mnist(tmp_path, mnist_dir[1])
+    assert r.returncode == 0, r.stderr
+
+
+def test_dataset_file_with_wrong_checksum(tmp_path, mnist_dir):
+    folder, override = mnist_dir
+    path = folder / "t10k-labels-idx1-ubyte"
+    path.write_bytes(idx_bytes(2049, (10,), seed=5))  # well-formed, but not the file the checksum names
+    assert_one_line_error(run_mnist(tmp_path, override), ["t10k-labels-idx1-ubyte", "fails its checksum", "delete it"])
+
+
+def test_dataset_file_truncated(tmp_path, mnist_dir):
+    folder, _ = mnist_dir
+    path = folder / "train-images-idx3-ubyte"
+    data = path.read_bytes()[:-100]
+    path.write_bytes(data)
+    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in MNIST}  # checksum passes: the parser must see it
+    override = "+data.options.checksums={" + ",".join(f"{k}:{v}" for k, v in sums.items()) + "}"
+    assert_one_line_error(run_mnist(tmp_path, override), ["train-images-idx3-ubyte", "truncated"])
+
+
+def test_dataset_file_with_wrong_magic_number(tmp_path, mnist_dir):
+    folder, _ = mnist_dir
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(2051, (20,)))
+    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in MNIST}
+    override = "+data.options.checksums={" + ",".join(f"{k}:{v}" for k, v in sums.items()) + "}"
+    assert_one_line_error(run_mnist(tmp_path, override), ["train-labels-idx1-ubyte", "magic number"])
+
+
+def test_dataset_gzip_cut_off(tmp_path, mnist_dir):
+    folder, override = mnist_dir
+    raw = folder / "t10k-images-idx3-ubyte"
+    packed = gzip.compress(raw.read_bytes())
+    raw.unlink()
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(packed[: len(packed) // 2])
+    assert_one_line_error(run_mnist(tmp_path, override), ["t10k-images-idx3-ubyte.gz", "not a readable gzip file"])
+
+
+def test_checkpoint_truncated_and_no_previous(tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"SGRUN-CKPT1 ")  # cut off right after the magic
+    r = sgrun(*SMOKE, "hydra.run.dir=new", cwd=tmp_path)
+    assert_one_line_error(r, ["no usable checkpoint", "delete checkpoint.pt"])
+    assert (folder / "checkpoint.pt").read_bytes() == b"SGRUN-CKPT1 "
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    r = sgrun(*SMOKE, "checkpoint.every=2", "hydra.run.dir=new", cwd=tmp_path)
+    assert_one_line_error(r, ["could not write checkpoint", "No space left on device", "previous checkpoint is kept"])
+    assert not (folder / "checkpoint.pt").exists() and not (folder / "summary.json").exists()

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from configs import make_cfg
 from torch import nn
 
 import sgrun.train as train
-from configs import make_cfg
 from sgrun.dni import Placement, SynthesizerSpec, interfaces_of
 from sgrun.models.feedforward import FCN
 from sgrun.train import run

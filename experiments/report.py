@@ -94,7 +94,7 @@ def header(runs: list[Run], profile: str, runs_dir: Path, pattern: str) -> list[
     missing = [r for r in failed if dataset_missing(r, pattern)]
     unfinished = [r for r in runs if r.status == "unfinished"]
     minutes = sum(_minutes(r) for r in finished)
-    seeds = sorted({r.seed for r in runs if r.seed is not None}, key=str)
+    seeds = _seeds(runs)
     budgets = sorted({_budget(r) for r in runs if _budget(r)})
     lines = [
         f"Written by `make report PROFILE={profile}` from the runs in `{runs_dir}/` "
@@ -110,6 +110,10 @@ def header(runs: list[Run], profile: str, runs_dir: Path, pattern: str) -> list[
         "confidence: " + "; ".join(f"*{k}*: {v}" for k, v in CONFIDENCE.items()) + ".",
     ]
     return lines
+
+
+def _seeds(runs: list[Run]) -> list:
+    return sorted({r.seed for r in runs if r.seed is not None}, key=lambda s: str(s).zfill(12))  # 2 before 10
 
 
 def _minutes(run: Run) -> float:
@@ -186,10 +190,11 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
     by_preset: dict[str, list[Run]] = {p: [] for p in paper_presets()}
     for run in runs:
         by_preset.setdefault(str(run.get("preset")), []).append(run)
-    lines = ["| preset | finished | failed | unfinished | seeds | training minutes | note |", "|---|---|---|---|---|---|---|"]
+    lines = ["| preset | finished | failed | unfinished | seeds | steps per run | training minutes | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for preset, preset_runs in sorted(by_preset.items()):
         n = {s: sum(r.status == s for r in preset_runs) for s in ("finished", "failed", "unfinished")}
-        seeds = ", ".join(map(str, sorted({r.seed for r in preset_runs if r.seed is not None}, key=str)))
+        seeds = ", ".join(map(str, _seeds(preset_runs)))
         minutes = sum(_minutes(r) for r in preset_runs if r.status == "finished")
         failed = [r for r in preset_runs if r.status == "failed"]
         if not preset_runs:
@@ -200,8 +205,9 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
             note = f"failed: {first_line(failed[0].message)} (see {failed[0].path}/FAILED)"
         else:
             note = ""
+        steps = sorted({v for r in preset_runs if isinstance(v := r.get("metrics.steps"), int)})
         lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | {seeds or '–'} | "
-                     f"{minutes:.1f} | {note.replace('|', '/')} |")
+                     f"{', '.join(map(str, steps)) or '–'} | {minutes:.1f} | {note.replace('|', '/')} |")
     return lines
 
 

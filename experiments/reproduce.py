@@ -38,6 +38,7 @@ from report import REFERENCE, load_reference, paper_presets
 from rundirs import FAILED, dataset_missing, first_line, load_run
 
 ROOT = Path(__file__).resolve().parent.parent  # sgrun is started here, so data_dir=data resolves
+STOP_GRACE_SECONDS = 10  # for the running job to write its checkpoint when we are interrupted
 
 
 @dataclass
@@ -78,10 +79,12 @@ def run_logged(cmd: list[str], log_path: Path) -> int:
         try:
             return proc.wait()
         except BaseException:
-            # interrupted: the finished jobs are on disk already; the running one will be redone
+            # Interrupted. The finished jobs are on disk already. sgrun answers SIGTERM by saving the
+            # running job's checkpoint and recording that job as failed, then goes on with the next
+            # job of the sweep: so give it a few seconds to save, then stop the whole sweep.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=STOP_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill` stops the sweep as Ctrl-C does
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` stops the current sweep as Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

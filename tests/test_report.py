@@ -123,8 +123,8 @@ def test_missing_dataset_cells_and_runs_table(runs, tmp_path):
     cifar = text.split("## CIFAR-10, fully connected networks")[1]
     assert table_row(cifar, "3").startswith("| 3 | dataset not available (–) | not run (–) | not run (–) |")
     assert "1 failed (1 because their dataset is not available)" in text
-    assert "| cifar10_fcn | 0 | 1 | 0 | 0 | 0.0 | dataset not available: CIFAR-10 not found" in text
-    assert "| mnist_cnn | 0 | 0 | 0 | – | 0.0 | not run |" in text
+    assert "| cifar10_fcn | 0 | 1 | 0 | 0 | – | 0.0 | dataset not available: CIFAR-10 not found" in text
+    assert "| mnist_cnn | 0 | 0 | 0 | – | – | 0.0 | not run |" in text
 
 
 def test_claims_held_not_held_and_no_data(runs, tmp_path):

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from sgrun.data.tasks import Block
-from sgrun.dni import GradientSynthesizer, LinearSynthesizer, Placement, SynthesizerSpec
+from sgrun.dni import GradientSynthesizer, Placement, SynthesizerSpec
 from sgrun.errors import ConfigError, DataError, SgrunError
 from sgrun.models.rnn import RecurrentNet
 from sgrun.train import run
@@ -147,8 +147,10 @@ def test_oracle_synthesizer_makes_truncated_bptt_equal_full_bptt(task):
         state = out.state
         ends.append(state)
     params = list(model.parameters())
-    full = torch.autograd.grad(total, params + ends)
-    full_params, true_future = full[: len(params)], full[len(params):]
+    full = torch.autograd.grad(total, params + ends, allow_unused=True)
+    full_params = full[: len(params)]
+    # no loss after the last block: its end state's future gradient is zero
+    true_future = [torch.zeros_like(s) if g is None else g for s, g in zip(ends, full[len(params):])]
 
     # Truncated BPTT, each block end given the true gradient of all later losses (per stream, scale 1).
     table = [(s.detach(), B * gr) for s, gr in zip(ends, true_future)]
@@ -178,12 +180,9 @@ def test_aux_loss_reaches_the_core_and_not_the_synthesizer_target():
     assert model.head.weight.grad.abs().sum() == 0  # the read-out is not on the aux path
     assert step.delta_start.abs().sum() == 0  # the aux gradient is no part of the synthesizer's target
 
-    # aux_weight scales the aux gradient linearly
-    before = model.lstm.weight_hh_l0.grad.clone()
-    model.zero_grad()
-    truncated_step(model, x, y, no_targets, step.state * 0 + 1, copy_step_loss, aux_weight=0.0)
+    model.zero_grad()  # with aux_weight 0 the same block leaves the core untouched
+    truncated_step(model, x, y, no_targets, torch.randn(B, 2 * H), copy_step_loss, aux_weight=0.0)
     assert model.lstm.weight_hh_l0.grad.abs().sum() == 0
-    assert before.abs().sum() > 0
 
 
 def test_aux_target_is_the_block_end_synthetic_gradient():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import numpy as np
 from rundirs import Run
 
-Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, mean, std (std is 0 with one seed)
+Curve = tuple[np.ndarray, np.ndarray, np.ndarray]  # x, mean, std over seeds (0 with one seed)
 
 
 def tags_of(run: Run, tag: str) -> list[str]:
@@ -17,52 +18,45 @@ def tags_of(run: Run, tag: str) -> list[str]:
     return next(([t] for t in tag.split("|") if t in run.scalars), [])
 
 
-def samples_per_step(run: Run) -> float | None:
-    """Samples seen per logged step: ``samples_seen`` / the last step of the run.
+def mean_curve(runs: list[Run], tag: str, steps: bool = False) -> Curve | None:
+    """Mean and sample std over ``runs`` (the seeds of one cell) of the scalar ``tag``.
 
-    Dividing by the last logged step (rather than assuming the step counts updates) gives the right
-    factor whether the events are logged per update (factor = samples per update) or per sample
-    (factor = 1).
+    The x axis is the event's step as the run logged it (training steps, or samples seen for the
+    ``by_samples/`` tags). Seeds are compared at the x values they share; with ``steps=True`` the
+    curve is a staircase (a curriculum level), known between its points, so seeds that changed level
+    at different x are compared at every x, each holding its last level.
     """
-    samples = run.get("metrics.samples_seen")
-    last = run.last_step
-    if not isinstance(samples, (int, float)) or not last:
-        return None
-    return float(samples) / last
-
-
-def mean_curve(runs: list[Run], tag: str, x: str = "steps") -> Curve | None:
-    """Mean and std over ``runs`` (seeds of one cell) of the scalar ``tag`` at the steps they share.
-
-    ``x="samples"`` turns steps into samples seen; a run that cannot say how many samples it saw is
-    left out rather than drawn on the wrong axis.
-    """
-    series, factors = [], []
-    for run in runs:
-        names = tags_of(run, tag)
-        if not names:
-            continue
-        factor = 1.0
-        if x == "samples":
-            factor = samples_per_step(run)
-            if factor is None:
-                continue
-        series.append(dict(run.scalars[names[0]]))
-        factors.append(factor)
+    series = [dict(run.scalars[names[0]]) for run in runs if (names := tags_of(run, tag))]
     if not series:
         return None
-    steps = sorted(set.intersection(*(set(s) for s in series)))
-    if not steps:  # seeds logged at different steps: keep the first seed's curve
-        series, factors = series[:1], factors[:1]
-        steps = sorted(series[0])
-    values = np.array([[s[step] for step in steps] for s in series])
-    # the sample std over seeds, as in the tables
-    std = values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(steps))
-    return np.array(steps, dtype=float) * float(np.mean(factors)), values.mean(axis=0), std
+    if steps:
+        xs = sorted(set().union(*series))
+        values = np.array([_hold(s, xs) for s in series])
+    else:
+        xs = sorted(set.intersection(*(set(s) for s in series)))
+        if not xs:  # seeds logged at different x: show the first seed rather than nothing
+            series = series[:1]
+            xs = sorted(series[0])
+        values = np.array([[s[x] for x in xs] for s in series])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a staircase x where only one seed has a value yet
+        mean = np.nanmean(values, axis=0)
+        # the sample std over seeds, as in the tables
+        std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))
+    return np.array(xs, dtype=float), mean, np.nan_to_num(std)
+
+
+def _hold(series: dict[int, float], xs: list[int]) -> list[float]:
+    """The series' last value at or before each x (NaN before its first point)."""
+    out, last = [], float("nan")
+    for x in xs:
+        last = series.get(x, last)
+        out.append(last)
+    return out
 
 
 def best_first(curve: Curve, lower: bool) -> tuple[float, float]:
     """The curve's best value and the first x at which it is reached."""
     xs, ys, _ = curve
-    i = int(np.argmin(ys) if lower else np.argmax(ys))
+    i = int(np.nanargmin(ys) if lower else np.nanargmax(ys))
     return float(ys[i]), float(xs[i])

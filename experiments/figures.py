@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -18,21 +19,38 @@ matplotlib.use("Agg")
 Panel = tuple[str, list[tuple[str, Curve, int]]]  # title, [(curve label, curve, colour index)]
 
 
-def draw(spec: dict, table: Table, out_dir: Path) -> str | None:
-    """Draw figure ``spec`` from ``table``'s finished runs into ``out_dir``; return why not, if it cannot."""
+@dataclass
+class Outcome:
+    drawn: bool
+    note: str  # why it was not drawn, or what differs from the intended figure
+
+
+def draw(spec: dict, table: Table, out_dir: Path) -> Outcome:
+    """Draw figure ``spec`` from ``table``'s finished runs into ``out_dir`` (PNG).
+
+    A spec may name a ``fallback`` (another tag and axis label) for runs too short to have logged
+    the intended curve, e.g. no curriculum level solved yet: the figure is then drawn from it, and
+    the note says so.
+    """
     path = Path(out_dir) / spec["file"]
+    if _draw(spec, table, path):
+        return Outcome(True, "")
+    if spec.get("fallback"):
+        fallback = {**spec, **spec["fallback"]}
+        if _draw(fallback, table, path):
+            return Outcome(True, f"drawn from `{fallback['tag']}`: no finished run has logged `{spec['tag']}` yet")
+    # a figure left from older runs would contradict the tables next to it
+    path.unlink(missing_ok=True)
+    return Outcome(False, f"no finished runs with `{spec['tag']}` in their TensorBoard events yet (table `{table.id}`)")
+
+
+def _draw(spec: dict, table: Table, path: Path) -> bool:
     if spec["kind"] == "curves":
         panels = curve_panels(spec, table)
-        drawn = _draw_curves(spec, panels, path) if panels else False
-    elif spec["kind"] == "against_key":
-        drawn = _draw_against_key(spec, table, path)
-    else:
-        raise ValueError(f"unknown figure kind {spec['kind']!r} in reference.yaml")
-    if not drawn:
-        # a figure left from older runs would contradict the tables next to it
-        path.unlink(missing_ok=True)
-        return f"no finished runs with `{spec['tag']}` in their TensorBoard events yet (table `{table.id}`)"
-    return None
+        return _draw_curves(spec, panels, path) if panels else False
+    if spec["kind"] == "against_key":
+        return _draw_against_key(spec, table, path)
+    raise ValueError(f"unknown figure kind {spec['kind']!r} in reference.yaml")
 
 
 def _title(axis: dict, value: Value) -> str:
@@ -41,12 +59,12 @@ def _title(axis: dict, value: Value) -> str:
 
 def curve_panels(spec: dict, table: Table) -> list[Panel]:
     """One panel per row, column or tag; in each, one mean curve per value of the other axis."""
-    tag, x, by = spec["tag"], spec.get("x", "steps"), spec.get("panels", "rows")
+    tag, by, steps = spec["tag"], spec.get("panels", "rows"), bool(spec.get("step_curve"))
     panels: list[Panel] = []
     if by == "tags":
         tags = sorted({t for run in table.curve_runs() for t in tags_of(run, tag)})
         for t in tags:
-            curves = [(row.label, mean_curve(table.curve_runs(row=row.label), t, x), i) for i, row in enumerate(table.rows)]
+            curves = [(row.label, mean_curve(table.curve_runs(row=row.label), t, steps), i) for i, row in enumerate(table.rows)]
             panels.append((t, [c for c in curves if c[1] is not None]))
     else:
         outer, inner = (table.rows, table.columns) if by == "rows" else (table.columns, table.rows)
@@ -55,7 +73,7 @@ def curve_panels(spec: dict, table: Table) -> list[Panel]:
             curves = []
             for index, i in enumerate(inner):
                 row, column = (o.label, i.label) if by == "rows" else (i.label, o.label)
-                curve = mean_curve(table.curve_runs(row, column), tag, x)
+                curve = mean_curve(table.curve_runs(row, column), tag, steps)
                 if curve is not None:
                     curves.append((i.label, curve, index))
             panels.append((_title(outer_axis, o), curves))
@@ -63,9 +81,11 @@ def curve_panels(spec: dict, table: Table) -> list[Panel]:
 
 
 def _grid(n: int, width: float = 4.6, height: float = 3.4):
-    cols = min(n, 3)
+    cols = 2 if n == 4 else min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    # constrained layout keeps titles, labels and a colorbar from overlapping
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -82,12 +102,11 @@ def _draw_curves(spec: dict, panels: list[Panel], path: Path) -> bool:
             if std.any():  # mean ± std over seeds
                 ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=colour, step="post" if step else None)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("samples seen" if spec.get("x") == "samples" else "training step")
+        ax.set_xlabel(spec.get("xlabel", "training step"))
         ax.set_ylabel(spec.get("ylabel", spec["tag"]))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(spec["title"])
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -126,7 +145,6 @@ def _draw_against_key(spec: dict, table: Table, path: Path) -> bool:
         ax.set_ylabel(spec.get("ylabel", spec["tag"]))
         ax.grid(alpha=0.3)
     fig.suptitle(spec["title"])
-    fig.tight_layout()
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="training step")
     fig.savefig(path, dpi=110)
     plt.close(fig)

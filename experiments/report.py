@@ -20,6 +20,7 @@ from rundirs import MISSING, Run, dataset_missing, first_line, load_runs
 from tables import HELD, NO_DATA, NOT_HELD, Table, cell_text, evaluate, fmt
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the repository: runs/, conf/
 REFERENCE = HERE / "reference.yaml"
 CONFIDENCE = {
     "paper": "quoted or confirmed by several sources",
@@ -32,7 +33,7 @@ def load_reference(path: str | Path = REFERENCE) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def paper_presets(conf_dir: Path = HERE.parent / "conf") -> list[str]:
+def paper_presets(conf_dir: Path = ROOT / "conf") -> list[str]:
     """Every experiment preset that reproduces a paper result (all but the newcomer's demo)."""
     return sorted(p.stem for p in (conf_dir / "experiment").glob("*.yaml") if p.stem != "demo")
 
@@ -41,7 +42,13 @@ def build_tables(reference: dict, runs: list[Run]) -> dict[str, Table]:
     return {spec["id"]: Table(spec, runs) for spec in reference["tables"]}
 
 
-def write_report(profile: str, runs_root: str | Path = "runs", out_dir: str | Path = HERE,
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it: RESULTS.md should not name one machine's folders."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: str | Path = HERE,
                  reference: dict | None = None) -> Path:
     """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile``; return its path."""
     reference = reference or load_reference()
@@ -64,7 +71,7 @@ def write_report(profile: str, runs_root: str | Path = "runs", out_dir: str | Pa
 
 
 def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: str, runs_dir: Path,
-           drawn: dict[str, str | None]) -> str:
+           drawn: dict[str, figures.Outcome]) -> str:
     pattern = reference["dataset_missing"]
     out = ["# Results: sgrun next to the paper", ""]
     out += header(runs, profile, runs_dir, pattern)
@@ -97,7 +104,7 @@ def header(runs: list[Run], profile: str, runs_dir: Path, pattern: str) -> list[
     seeds = _seeds(runs)
     budgets = sorted({_budget(r) for r in runs if _budget(r)})
     lines = [
-        f"Written by `make report PROFILE={profile}` from the runs in `{runs_dir}/` "
+        f"Written by `make report PROFILE={profile}` from the runs in `{shown(runs_dir)}/` "
         f"(`make reproduce PROFILE={profile}` runs them). Do not edit: run it again.",
         "",
         f"- **Profile**: `{profile}`" + (f" ({'; '.join(budgets)})" if budgets else ""),
@@ -173,14 +180,16 @@ def claims_section(reference: dict, tables: dict[str, Table]) -> list[str]:
     return lines
 
 
-def figures_section(reference: dict, drawn: dict[str, str | None]) -> list[str]:
+def figures_section(reference: dict, drawn: dict[str, figures.Outcome]) -> list[str]:
     lines, skipped = [], []
     for spec in reference.get("figures", []):
-        reason = drawn.get(spec["file"])
-        if reason is None:
+        outcome = drawn[spec["file"]]
+        if outcome.drawn:
             lines += [f"### {spec['title']}", "", f"![{spec['title']}]({spec['file']})", ""]
+            if outcome.note:
+                lines += [f"Note: {outcome.note}.", ""]
         else:
-            skipped.append(f"- *{spec['title']}*: not drawn: {reason}.")
+            skipped.append(f"- *{spec['title']}*: not drawn: {outcome.note}.")
     if skipped:
         lines += ["Not drawn yet:", ""] + skipped
     return lines
@@ -202,7 +211,7 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
         elif failed and all(dataset_missing(r, pattern) for r in failed):
             note = f"dataset not available: {first_line(failed[0].message)}"
         elif failed:
-            note = f"failed: {first_line(failed[0].message)} (see {failed[0].path}/FAILED)"
+            note = f"failed: {first_line(failed[0].message)} (see {shown(failed[0].path)}/FAILED)"
         else:
             note = ""
         steps = sorted({v for r in preset_runs if isinstance(v := r.get("metrics.steps"), int)})
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu", help="the profile whose runs to report (runs/<profile>/)")
-    parser.add_argument("--runs", default="runs", help="the folder holding <profile>/<preset>/<job>/ (default: runs)")
+    parser.add_argument("--runs", default=str(ROOT / "runs"),
+                        help="the folder holding <profile>/<preset>/<job>/ (default: the repository's runs/)")
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and the figures go (default: experiments/)")
     parser.add_argument("--reference", default=str(REFERENCE), help="the paper's numbers and the table layout")
     args = parser.parse_args(argv)

@@ -34,10 +34,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from report import REFERENCE, load_reference, paper_presets
-from rundirs import FAILED, dataset_missing, first_line, load_run
+from report import REFERENCE, ROOT, load_reference, paper_presets, shown
+from rundirs import FAILED, Run, dataset_missing, first_line, load_run
 
-ROOT = Path(__file__).resolve().parent.parent  # sgrun is started here, so data_dir=data resolves
 STOP_GRACE_SECONDS = 10  # for the running job to write its checkpoint when we are interrupted
 
 
@@ -47,7 +46,7 @@ class Outcome:
     jobs: int
     finished: int
     finished_before: int
-    failed: list  # the failed runs
+    failed: list[Run]
     error: str  # sgrun's own error when the sweep could not start
     minutes: float
 
@@ -63,19 +62,20 @@ def sgrun_command(preset: str, profile: str, sweep_dir: Path, seed: int, launche
     return cmd + list(extra)
 
 
-def job_runs(sweep_dir: Path) -> list:
+def job_runs(sweep_dir: Path) -> list[Run]:
     runs = (load_run(job) for job in sorted(sweep_dir.iterdir()) if job.is_dir()) if sweep_dir.is_dir() else []
     return [run for run in runs if run is not None]
 
 
-def run_logged(cmd: list[str], log_path: Path) -> int:
+def run_logged(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
     """Run ``cmd`` with its output appended to ``log_path``; stop it too if we are interrupted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        # its own process group, so that stopping it also stops the launcher's worker processes
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Started in the repository, so that the default data_dir (data/) is found, and in its own
+        # process group, so that stopping it also stops a launcher's worker processes.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             return proc.wait()
         except BaseException:
@@ -101,14 +101,21 @@ def reproduce_preset(preset: str, args, extra: list[str]) -> Outcome:
             (run.path / FAILED).unlink(missing_ok=True)
     start = time.time()
     log_path = sweep_dir / "reproduce.log"
+    env = dict(os.environ)
+    threads = args.threads or (1 if args.profile == "smoke" else None)
+    if threads and "OMP_NUM_THREADS" not in env:
+        # Smoke runs are a few steps on small tensors: torch's worker threads only add start-up and,
+        # on a machine shared with other jobs, spin-waiting (measured here: 22 s instead of 1 s for
+        # the 4 steps of a DNI FCN).
+        env["OMP_NUM_THREADS"] = str(threads)
     error = ""
     for seed in range(args.seeds):
         cmd = sgrun_command(preset, args.profile, sweep_dir, seed, args.launcher, extra)
         if args.dry_run:
             print(" ".join(cmd))
             continue
-        print(f"  {preset}: seed {seed} running (log: {_shown(log_path)})", flush=True)
-        code = run_logged(cmd, log_path)
+        print(f"  {preset}: seed {seed} running (log: {shown(log_path)})", flush=True)
+        code = run_logged(cmd, log_path, env)
         if code not in (0, 1):  # 1: some jobs failed (they wrote FAILED); else the sweep did not run
             error = _last_line(log_path) or f"sgrun exited with code {code}"
     after = job_runs(sweep_dir)
@@ -116,13 +123,6 @@ def reproduce_preset(preset: str, args, extra: list[str]) -> Outcome:
                    finished_before=sum(r.status == "finished" for r in before),
                    failed=[r for r in after if r.status == "failed"], error=error,
                    minutes=(time.time() - start) / 60)
-
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _last_line(path: Path) -> str:
@@ -138,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke (conf/profile/)")
     parser.add_argument("--seeds", type=int, default=1, help="run seeds 0 .. N-1 (default 1)")
     parser.add_argument("--only", default="", help="comma-separated presets (default: every paper preset)")
-    parser.add_argument("--runs", default="runs", help="runs go to <runs>/<profile>/<preset>/ (default: runs)")
+    parser.add_argument("--runs", default=str(ROOT / "runs"),
+                        help="runs go to <runs>/<profile>/<preset>/ (default: the repository's runs/)")
     parser.add_argument("--launcher", default=None, help="a Hydra launcher, e.g. local (conf/hydra/launcher/)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (OMP_NUM_THREADS, unless already set); "
+                             "default: 1 for profile=smoke, torch's own choice otherwise")
     parser.add_argument("--dry-run", action="store_true", help="print the sgrun commands only")
     args = parser.parse_args(argv)
     presets = paper_presets()
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pattern = load_reference(REFERENCE)["dataset_missing"]
     print(f"reproduce: {len(chosen)} preset(s), profile {args.profile}, seeds 0..{args.seeds - 1}, "
-          f"runs in {Path(args.runs) / args.profile}/", flush=True)
+          f"runs in {shown(Path(args.runs) / args.profile)}/", flush=True)
     start, status = time.time(), 0
     try:
         for preset in chosen:
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             others = [r for r in o.failed if r not in missing]
             if others:
                 status = 1
-                print(f"{'':<22} failed: {first_line(others[0].message)} (see {_shown(others[0].path / FAILED)})")
+                print(f"{'':<22} failed: {first_line(others[0].message)} (see {shown(others[0].path / FAILED)})")
             if o.error:
                 status = 1
                 print(f"{'':<22} sgrun could not run the sweep: {o.error}")

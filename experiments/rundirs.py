@@ -64,12 +64,6 @@ class Run:
         return read_scalars(self.path / "tb")
 
     @property
-    def last_step(self) -> int:
-        """The last training step logged (the hparams summary at step 0 aside)."""
-        steps = [s for tag, points in self.scalars.items() if not tag.startswith("hparam/") for s, _ in points]
-        return max(steps, default=0)
-
-    @property
     def seed(self) -> Any:
         seed = self.get("config.seed")
         return None if seed is MISSING else seed

@@ -208,7 +208,9 @@ def evaluate(claim: dict, tables: dict[str, Table], on_paper: bool = False) -> V
         return _positionwise(paired(table, test, value), lambda a, b: a - b >= m, f"{a_name} − {b_name} ≥ {m:g}")
     if kind == "ratio_at_least":
         f = float(test["factor"])
-        return _positionwise(paired(table, test, value), lambda a, b: a >= f * b, f"{a_name} ≥ {f:g} × {b_name}")
+        # a > b too: when neither learned anything (0 and 0) the ratio says nothing
+        return _positionwise(paired(table, test, value), lambda a, b: a >= f * b and a > b,
+                             f"{a_name} ≥ {f:g} × {b_name}")
     if kind == "under":
         t = float(test["threshold"])
         points = [(w, v) for w, r, c in positions(table, test["a"], test.get("at"))
@@ -239,17 +241,17 @@ def evaluate(claim: dict, tables: dict[str, Table], on_paper: bool = False) -> V
 
 
 def reaches_first(table: Table, test: dict) -> Verdict:
-    """At each position: does ``a``'s mean curve reach ``b``'s best value in fewer samples than ``b``?"""
+    """At each position: does ``a``'s mean curve reach ``b``'s best value at a smaller x than ``b``?"""
     from curves import best_first, mean_curve
 
     lower = table.spec.get("better", "lower") == "lower"
     pairs = []
     for (where, ra, ca), (_, rb, cb) in zip(positions(table, test["a"], None), positions(table, test["b"], None)):
-        a = mean_curve(table.curve_runs(ra, ca), test["tag"], x="samples")
-        b = mean_curve(table.curve_runs(rb, cb), test["tag"], x="samples")
+        a = mean_curve(table.curve_runs(ra, ca), test["tag"])
+        b = mean_curve(table.curve_runs(rb, cb), test["tag"])
         if a is not None and b is not None:
             target, b_at = best_first(b, lower)
-            a_at = next((x for x, y, _ in zip(*a) if (y <= target if lower else y >= target)), None)
+            a_at = next((x for x, y in zip(a[0], a[1]) if (y <= target if lower else y >= target)), None)
             pairs.append((where, a_at, b_at))
     a_name, b_name = test["a"].get("row") or test["a"]["column"], test["b"].get("row") or test["b"]["column"]
     return _positionwise(pairs, lambda a, b: a is not None and a < b,

@@ -48,11 +48,14 @@ def _main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    (out_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
     try:
         metrics = run(cfg, out_dir)
+    except Interrupted as e:
+        fail(str(e), code=130)  # Ctrl-C / SIGTERM stops the whole sweep, after the checkpoint is saved
     except SgrunError as e:
         if not multirun:
-            fail(str(e), code=130 if isinstance(e, Interrupted) else 2)  # exits here, before Hydra adds its own multi-line report
+            fail(str(e))  # exits here, before Hydra adds its own multi-line report
         (out_dir / FAILED).write_text(str(e) + "\n")
         log.error("job %s failed: %s", hc.job.num, e)
         return None

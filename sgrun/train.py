@@ -97,7 +97,7 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         session.resumed, session.minutes_before = saved["loop"], saved["minutes"]
         log.info("resuming %s from step %d", out_dir, saved["loop"]["step"])
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
-    session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else None)
+    session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
         with ckpt:
             metrics, model = loop_of(cfg.model.family)(cfg, session)

@@ -65,12 +65,13 @@ def mnist_fcn(runs: Path, layers: int, dni: str, errors: list[float], seed: int 
              metrics={"test_error": errors[-1]}, scalars={"error/test": curve})
 
 
-def copy_run(runs: Path, k: int, dni: str, largest_n: int, key: str = "model__k") -> None:
-    # 256 sequences per step: the samples axis is step * samples_seen / last step
-    levels = [(10, 1), (20, max(1, largest_n // 2)), (30, largest_n)]
-    make_run(runs, "table1_copy", f"{k}_{dni}", dni=dni, **{key: k},
-             metrics={"largest_n": largest_n, "samples_seen": 30 * 256},
-             scalars={"curriculum/largest_solved": levels, "loss/train": [(30, 0.1)]})
+def copy_run(runs: Path, k: int, dni: str, largest_n: int, key: str = "model__k", seed: int = 0,
+             solved_at: tuple = (2560, 5120, 7680)) -> None:
+    # the curriculum's largest solved N, logged against samples seen when a level is solved
+    levels = list(zip(solved_at, (1, max(1, largest_n // 2), largest_n)))
+    make_run(runs, "table1_copy", f"{k}_{dni}_{seed}", dni=dni, seed=seed, **{key: k},
+             metrics={"largest_n": largest_n, "samples_seen": solved_at[-1]},
+             scalars={"by_samples/largest_solved": levels, "loss/train": [(30, 0.1)]})
 
 
 @pytest.fixture
@@ -136,6 +137,14 @@ def test_claims_held_not_held_and_no_data(runs, tmp_path):
     assert claim_row(text, "On PTB, DNI gives lower test BPC than BPTT at the same k").startswith("| no data |")
 
 
+def test_nothing_learned_is_not_twice_as_long(tmp_path):
+    root = tmp_path / "runs"
+    copy_run(root, 3, "none", 0)
+    copy_run(root, 3, "every_k", 0)
+    row = claim_row(write(root, tmp_path / "out"), "On Copy, DNI learns dependencies about twice as long as BPTT at the same k")
+    assert row.startswith("| **not held** |")
+
+
 def test_claims_follow_the_numbers(tmp_path):
     # the same claim, computed: cDNI 1 point above Bprop is no longer "at or near"
     root = tmp_path / "runs"
@@ -159,10 +168,14 @@ def test_figures_are_png_files_and_missing_ones_are_noted(runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "fig_ptb_valid_bpc.png").write_bytes(PNG + b"from older runs")
+    # a Repeat Copy run too short to solve a level has no curve against samples: the fallback is drawn
+    make_run(runs, "table1_repeat_copy", "3_none", dni="none", model__k=3, metrics={"largest_n": 0},
+             scalars={"curriculum/largest_solved": [(2, 0.0), (4, 0.0)]})
     text = write(runs, out)
-    for name in ("fig_mnist_fcn_test_error.png", "fig_copy_largest_n.png"):
+    for name in ("fig_mnist_fcn_test_error.png", "fig_copy_largest_n.png", "fig_repeat_copy_largest_n.png"):
         assert (out / name).read_bytes()[:8] == PNG
         assert f"]({name})" in text
+    assert "Note: drawn from `curriculum/largest_solved`" in text.split("fig_repeat_copy_largest_n.png")[1]
     # no PTB runs: no figure (the stale one is gone) and a note instead
     assert not (out / "fig_ptb_valid_bpc.png").exists()
     assert "*Penn Treebank, validation BPC against samples seen*: not drawn" in text
@@ -176,11 +189,11 @@ def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
             make_run(runs, "mnist_fcn_update_prob", f"{p}_{dni}", dni=dni, model__name="fcn", model__layers=4,
                      data__name="mnist", train__update_prob=p, metrics={"test_error": err},
                      scalars={"error/test": [(1000, 3 * err), (2000, err)]})
-    # ... and the two networks at two timescales, whatever their error tags are called
+    # ... and the two networks at two timescales
     for coupling, b_error in (("none", 0.8), ("dni", 0.3), ("bptt", 0.2)):
-        make_run(runs, "two_timescale", coupling, dni="none", model__name="hrnn", model__coupling=coupling,
+        make_run(runs, "two_timescale", coupling, dni="message", model__name="hrnn", model__coupling=coupling,
                  metrics={"error_a": 0.1, "error_b": b_error},
-                 scalars={"error/a": [(100, 0.5), (200, 0.1)], "error/b": [(100, 0.9), (200, b_error)]})
+                 scalars={"error/A": [(100, 0.5), (200, 0.1)], "error/B": [(100, 0.9), (200, b_error)]})
     out = tmp_path / "out"
     text = write(runs, out)
     updates = text.split("## Stochastic updates")[1]
@@ -194,15 +207,20 @@ def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
         assert (out / name).read_bytes()[:8] == PNG
 
 
-def test_error_bands_average_seeds_on_a_samples_axis(runs):
+def test_error_bands_average_seeds(runs):
     from curves import mean_curve
 
-    table = Table(next(t for t in report.load_reference()["tables"] if t["id"] == "mnist_fcn"), load_runs(runs / "smoke"))
+    specs = {t["id"]: t for t in report.load_reference()["tables"]}
+    table = Table(specs["mnist_fcn"], load_runs(runs / "smoke"))
     xs, mean, std = mean_curve(table.curve_runs("3", "Bprop"), "error/test")
     assert list(xs) == [100, 200, 300] and mean[-1] == pytest.approx(2.1) and std[-1] == pytest.approx(0.1414, abs=1e-3)
-    copy = Table(next(t for t in report.load_reference()["tables"] if t["id"] == "table1_copy"), load_runs(runs / "smoke"))
-    xs, mean, _ = mean_curve(copy.curve_runs("DNI", "5"), "curriculum/largest_solved|curriculum/N", x="samples")
-    assert list(xs) == [2560, 5120, 7680] and list(mean) == [1, 8, 16]
+    # curriculum staircases of two seeds that solved their levels after different numbers of samples
+    copy_run(runs, 2, "every_k", 8, seed=0, solved_at=(100, 200, 300))
+    copy_run(runs, 2, "every_k", 4, seed=1, solved_at=(150, 250, 350))
+    copy = Table(specs["table1_copy"], load_runs(runs / "smoke"))
+    xs, mean, _ = mean_curve(copy.curve_runs("DNI", "2"), "by_samples/largest_solved", steps=True)
+    assert list(xs) == [100, 150, 200, 250, 300, 350]
+    assert list(mean) == [1, 1, 2.5, 3, 5, 6]  # seed 0: 1, 1, 4, 4, 8, 8; seed 1: -, 1, 1, 2, 2, 4
 
 
 @pytest.mark.parametrize("purge_step,expected", [

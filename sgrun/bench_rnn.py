@@ -22,7 +22,7 @@ VOCAB = 50  # PTB characters: 49 symbols and the end of line
 VARIANTS = {
     "BPTT": (None, 0.0),
     "DNI": (Placement(("state",), SynthesizerSpec("linear"), scale=0.1), 0.0),
-    "DNI+Aux": (Placement(("state",), SynthesizerSpec("linear"), scale=0.1), 1.0),
+    "DNI+Aux": (Placement(("state",), SynthesizerSpec("linear"), scale=0.1), 0.1),
 }
 
 

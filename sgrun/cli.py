@@ -67,7 +67,7 @@ def _main(cfg: DictConfig) -> float | None:
         log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
         return None
     value = metrics.get(PRIMARY_METRIC.get(cfg.model.family, "test_error"))
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and k != "minutes"}
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "minutes"}
     print(f"sgrun: {cfg.get('name') or 'run'} finished in {metrics['minutes']:.1f} min: "
           + ", ".join(f"{k} {v}" for k, v in shown.items()))
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")

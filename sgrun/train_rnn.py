@@ -112,10 +112,11 @@ def truncated_step(model: RecurrentNet, x: Tensor, y: Tensor, mask: Tensor, stat
     """Forward and backward of one block (see the module docstring); the caller zeroes the gradients
     before and steps the optimizer after."""
     n = state.shape[0]
-    s0 = state.detach().requires_grad_(True)  # [B, 2H] a leaf: its .grad is what arrives at the block start
+    synth = model.synthesizer
+    # [B, 2H] a leaf, detached from the previous block; with DNI its .grad is what arrives at the block start
+    s0 = state.detach().requires_grad_(synth is not None)
     out = model(x, s0)  # logits [k, B, O], state [B, 2H]
     loss = block_loss(step_loss(out.logits, y), mask)
-    synth = model.synthesizer
     if synth is None:
         loss.backward()  # plain truncated BPTT: nothing crosses the block end
         return Step(loss.detach(), out.state.detach(), out.logits.detach(), None, None, None)
@@ -167,6 +168,10 @@ def future_gradient_quality(model: RecurrentNet, state: Tensor, future: Block, k
     * ``cosine_target``: the same against the sum with block ``j`` ahead weighted by ``scale**j``,
       which is what the bootstrapped target converges to (see the module docstring);
     * ``mse_true``: the synthesizer loss against the true rather than the bootstrapped target.
+
+    The horizon is ``train.sg_horizon`` steps (40 by default) rounded up to whole blocks.  The
+    comparison is with one realisation of the future (inputs the synthesizer cannot know yet), so
+    even a perfect predictor of the *expected* future gradient scores a cosine below 1.
     """
     m = min(streams, state.shape[0])
     s = state[:m].detach().requires_grad_(True)  # [m, 2H]
@@ -208,7 +213,7 @@ def evaluate_bpc(model: RecurrentNet, ids: Tensor, batch_size: int, block: int, 
 def make_task(cfg: DictConfig, batch_size: int):
     """The training stream of ``cfg.data`` and, for PTB, the loaded characters (else ``None``)."""
     name = cfg.data.name
-    options = OmegaConf.to_container(cfg.data.get("options") or {}, resolve=True)
+    options = OmegaConf.to_container(cfg.data.options, resolve=True) if cfg.data.get("options") else {}
     if name in COPY_TASKS:
         try:
             return CopyTask(batch_size, seed=cfg.seed, repeat=name == "repeat_copy", **options), None
@@ -228,11 +233,21 @@ def train_sequence(cfg: DictConfig, session: Session) -> tuple[dict, RecurrentNe
 
     Returns the final metrics (``primary`` is what a sweeper minimises: minus the largest N solved,
     or the test BPC) and the trained model (for PTB, the parameters of the best validation point).
+    ``train.threads`` sets torch's thread count for the run (restored afterwards).
     """
+    threads = torch.get_num_threads()
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
+    try:
+        return sequence_loop(cfg, session)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sequence_loop(cfg: DictConfig, session: Session) -> tuple[dict, RecurrentNet]:
+    """The training loop of :func:`train_sequence`, one block per step."""
     device, writer = session.device, session.writer
     t = cfg.train
-    if t.get("threads"):
-        torch.set_num_threads(int(t.threads))
     k = int(cfg.model.k)
     steps, lr, eval_every = budget(cfg)
     batch_size = int(t.batch_size)
@@ -241,7 +256,8 @@ def train_sequence(cfg: DictConfig, session: Session) -> tuple[dict, RecurrentNe
     step_loss = copy_step_loss if is_copy else lm_step_loss
     aux_weight = float(cfg.dni.get("aux_weight", 0.0) or 0.0)
     model = RecurrentNet(task.input_size, task.output_size, hidden=cfg.model.hidden, token_input=not is_copy,
-                         placement=placement_of(cfg.dni), aux=aux_weight > 0).to(device)
+                         placement=placement_of(cfg.dni), aux=aux_weight > 0,
+                         forget_bias=cfg.model.get("forget_bias", 1.0)).to(device)
     groups = [{"params": model.core_parameters(), "lr": lr}]
     if model.synthesizer is not None:
         groups.append({"params": list(model.synthesizer.parameters()), "lr": lr * float(cfg.dni.lr_factor)})
@@ -269,15 +285,16 @@ def train_sequence(cfg: DictConfig, session: Session) -> tuple[dict, RecurrentNe
                 "sums": {n: v.clone() for n, v in sums.items()}, "best": dict(best), "tick_step": tick_step}
 
     if session.resumed is not None:
-        r = session.resumed
-        model.load_state_dict(r["model"])
-        opt.load_state_dict(r["opt"])
-        sched.load_state_dict(r["sched"])
-        task.load_state_dict(r["task"])
-        state = r["state"].to(device)
-        history, best, tick_step, first = [tuple(h) for h in r["history"]], dict(r["best"]), r["tick_step"], r["step"] + 1
-        for n, v in r["sums"].items():
-            sums[n].copy_(v)
+        saved = session.resumed
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        task.load_state_dict(saved["task"])
+        state = saved["state"].to(device)
+        history, best = [tuple(h) for h in saved["history"]], dict(saved["best"])
+        tick_step, first = saved["tick_step"], saved["step"] + 1
+        for name, v in saved["sums"].items():
+            sums[name].copy_(v)
     log.info("%s: LSTM %d, k=%d, %s, %d steps, batch %d, lr %.2g, device %s", cfg.data.name, model.hidden, k,
              cfg.dni.name, steps, batch_size, lr, device)
 

@@ -49,6 +49,8 @@ class RecurrentNet(nn.Module):
         hidden: LSTM units ``H`` (Jaderberg et al. 2017, sec. 3.1: 256 for the copy tasks, 1024 for
             Penn Treebank [recalled]).
         token_input: inputs are int64 symbol ids ``[k, B]``, fed to the LSTM one-hot.
+        forget_bias: initial bias of the forget gate (``None``: PyTorch's default initialisation).
+            1.0, the default of the TensorFlow / Sonnet LSTMs, starts the cells remembering.
         placement: where the backward interface goes; its only cut is ``"state"`` (``("all",)``
             means the same).  ``None`` (or mode ``off``) is plain truncated BPTT.
         aux: add the DNI + Aux head, which predicts the synthetic gradient of the block end from
@@ -61,7 +63,7 @@ class RecurrentNet(nn.Module):
     cut_names = (CUT,)
 
     def __init__(self, input_size: int, output_size: int, hidden: int = 256, token_input: bool = False,
-                 placement: Placement | None = None, aux: bool = False) -> None:
+                 placement: Placement | None = None, aux: bool = False, forget_bias: float | None = 1.0) -> None:
         super().__init__()
         for name, value, fix in (("input_size", input_size, "check the task"),
                                  ("output_size", output_size, "check the task"),
@@ -72,6 +74,10 @@ class RecurrentNet(nn.Module):
         self.token_input = bool(token_input)
         self.state_size = 2 * hidden
         self.lstm = nn.LSTM(input_size, hidden)
+        if forget_bias is not None:
+            with torch.no_grad():  # gate order in nn.LSTM: input, forget, cell, output
+                self.lstm.bias_ih_l0[hidden:2 * hidden].fill_(float(forget_bias))
+                self.lstm.bias_hh_l0[hidden:2 * hidden].zero_()
         self.head = nn.Linear(hidden, output_size)
 
         self.synthesizer: GradientSynthesizer | None = None

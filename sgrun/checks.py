@@ -83,3 +83,16 @@ def check_config(cfg: DictConfig, extra: list[Rule] | None = None) -> None:
     dni_mode = _get(cfg, "dni.mode")
     if dni_mode not in (_MISSING, "synthetic", "train_only", "off"):
         raise ConfigError(f"dni.mode must be synthetic, train_only or off (got {dni_mode!r}): set dni.mode=synthetic")
+
+# Two networks at two timescales (model=hrnn; Jaderberg et al. 2017, sec. 3.2)
+RULES += [
+    ("model.T", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.T=3"),
+    ("model.coupling", lambda v: isinstance(v, str), "one of none, dni, bptt",
+     lambda v: v in ("none", "dni", "bptt"), "one of none, dni, bptt", "model.coupling=dni"),
+    ("model.hidden_a", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.hidden_a=64"),
+    ("model.hidden_b", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.hidden_b=64"),
+    ("model.truncation_b", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.truncation_b=6"),
+    ("data.mode", lambda v: isinstance(v, str), "one of classes, images",
+     lambda v: v in ("classes", "images"), "one of classes, images", "data.mode=classes"),
+    ("data.eval_ticks", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.eval_ticks=200"),
+]

@@ -158,8 +158,11 @@ def finished_run(config: dict, out_dir: Path) -> dict | None:
 
 
 def choices_of(cfg: DictConfig) -> dict:
-    return {"experiment": cfg.get("name"), "model": cfg.model.name, "dni": cfg.dni.name, "data": cfg.data.name,
-            "profile": cfg.profile.name, "seed": cfg.seed}
+    choices = {"experiment": cfg.get("name"), "model": cfg.model.name, "dni": cfg.dni.name, "data": cfg.data.name,
+               "profile": cfg.profile.name, "seed": cfg.seed}
+    if cfg.model.get("coupling"):
+        choices["coupling"] = cfg.model.coupling  # the two-timescale runs differ only in this
+    return choices
 
 
 def hparams_of(cfg: DictConfig) -> dict:

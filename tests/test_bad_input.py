@@ -22,6 +22,7 @@ CASES = {
     "unknown device": (["device=tpu"], ["device must be auto, cpu or cuda"]),
     "unknown interface mode": (["dni=every_layer", "dni.mode=sometimes"], ["dni.mode must be"]),
     "cut that does not exist": (["dni=every_layer", "dni.cuts=[h9]"], ["h9", "valid cuts are h1, h2"]),
+    "two-timescale T of zero": (["experiment=two_timescale", "model.T=0"], ["model.T", ">= 1"]),
     "missing dataset": (["data=mnist", "data.download=false"], ["MNIST not found", "train-images-idx3-ubyte"]),
 }
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from sgrun.data import fetch
 from sgrun.data.images import ImageData, from_arrays
-from sgrun.errors import ConfigError, DataError
+from sgrun.errors import DataError
 
 BATCHES = {
     "data_batch_1": "c99cafc152244af753f735de768cd75f",
@@ -49,14 +49,7 @@ def load_cifar10(data_dir: str | Path, download: bool = True, checksums: dict[st
     """
     root = Path(data_dir) / "cifar10"
     folder = root / BATCH_FOLDER
-    md5s = {**BATCHES, ARCHIVE: ARCHIVE_MD5}
-    if checksums:
-        unknown = sorted(set(checksums) - set(md5s))
-        if unknown:
-            raise ConfigError(
-                f"checksums names unknown CIFAR-10 file(s) {', '.join(unknown)}: valid names are {', '.join(md5s)}"
-            )
-        md5s.update(checksums)
+    md5s = fetch.with_overrides("CIFAR-10", {**BATCHES, ARCHIVE: ARCHIVE_MD5}, checksums)
 
     missing = _missing(folder)
     if missing and (root / ARCHIVE).is_file():

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from sgrun.errors import DataError
+from sgrun.errors import ConfigError, DataError
 
 CHUNK = 1 << 20
 DOWNLOAD_TIMEOUT = 10.0  # seconds per socket operation: fail fast when offline
@@ -70,6 +70,18 @@ def read_bytes(path: Path) -> bytes:
             f"{path} is not a readable {'gzip ' if is_gzip(path) else ''}file ({one_line(e)}): "
             "delete it and run again to re-fetch, or put the official file there"
         ) from None
+
+
+def with_overrides(what: str, md5s: dict[str, str], checksums: dict[str, str] | None) -> dict[str, str]:
+    """``md5s`` updated by a caller's ``checksums`` (tests, other releases); an unknown name is a ConfigError."""
+    if checksums:
+        unknown = sorted(set(checksums) - set(md5s))
+        if unknown:
+            raise ConfigError(
+                f"checksums names unknown {what} file(s) {', '.join(unknown)}: valid names are {', '.join(md5s)}"
+            )
+        md5s = {**md5s, **checksums}
+    return md5s
 
 
 def md5_bytes(data: bytes) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from sgrun.data import fetch
 from sgrun.data.images import ImageData, from_arrays
-from sgrun.errors import ConfigError, DataError
+from sgrun.errors import DataError
 
 # md5 of the raw (decompressed) official files.
 FILES = {
@@ -49,14 +49,7 @@ def load_mnist(data_dir: str | Path, download: bool = True, checksums: dict[str,
     are missing, fail their checksum, or are not well-formed IDX files.
     """
     folder = Path(data_dir) / "mnist"
-    md5s = dict(FILES)
-    if checksums:
-        unknown = sorted(set(checksums) - set(FILES))
-        if unknown:
-            raise ConfigError(
-                f"checksums names unknown MNIST file(s) {', '.join(unknown)}: valid names are {', '.join(FILES)}"
-            )
-        md5s.update(checksums)
+    md5s = fetch.with_overrides("MNIST", dict(FILES), checksums)
 
     paths = locate(folder)
     missing = [name for name in FILES if name not in paths]

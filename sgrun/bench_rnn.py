@@ -2,8 +2,9 @@
 
 Run: ``python -m sgrun.bench_rnn [--k 5] [--hidden 256] [--batch 128] [--steps 100] [--threads T]``.
 Random symbol ids over PTB's 50-symbol vocabulary; times only the training step (one block of ``k``
-steps: forward, backward with the injected synthetic gradient, synthesizer regression, Adam) after a
-warm-up, with the same :func:`sgrun.train_rnn.truncated_step` the runner uses.
+steps: forward, backward with the injected synthetic gradient, synthesizer regression, for DNI + Aux
+the look-ahead through the next block, Adam) after a warm-up, with the same
+:func:`sgrun.train_rnn.truncated_step` the runner uses.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def chars_per_second(placement, aux_weight: float, k: int, hidden: int, batch: i
         if i == warmup:
             start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        state = truncated_step(model, ids[i, :-1], ids[i, 1:], mask, state, lm_step_loss, aux_weight).state
+        x_next = ids[i + 1, :-1] if model.aux_head is not None else None  # DNI + Aux: the next block's inputs
+        state = truncated_step(model, ids[i, :-1], ids[i, 1:], mask, state, lm_step_loss, aux_weight, x_next).state
         opt.step()
     return steps * k * batch / (time.perf_counter() - start)
 

@@ -15,11 +15,14 @@ One block, from the carried state ``s_0`` to the block end ``s_k`` (:func:`trunc
    the previous block's end state, so this is the prediction injected at the end of the previous block
    (recomputed with the current weights), regressed on the gradient that has now arrived: the
    bootstrapped, TD-like target of sec. 3.1;
-5. DNI + Aux: an extra head ``A`` reads ``s_1 = [h_1, c_1]``, the state after the block's first step,
-   and is regressed on ``sg_k`` (detached), the synthesizer's output ``k - 1`` steps later at the same
-   block's end; its loss ``aux_weight * ||A(s_1) - sg_k||^2`` trains the core and the head.  (The paper's
-   target lies ``T`` steps ahead; a target in the next block would need this block's graph after the
-   optimizer has already changed the weights, so the nearest in-block target is used.)
+5. DNI + Aux: an extra head ``A`` reads the block-end state ``s_k`` and predicts the synthetic gradient
+   ``k`` steps further on, at the end of the *next* block: its target is ``M(s_2k)``, where ``s_2k`` comes
+   from running the next block's inputs forward from ``s_k`` under ``torch.no_grad()`` with the current
+   weights (a look-ahead: :func:`aux_target`; the loop reads those inputs with :func:`read_block`, which
+   leaves the training stream where it was).  The target is detached; the loss
+   ``aux_weight * mean_i ||A(s_k)_i - M(s_2k)_i||^2`` (per-stream units, as the synthesizer's) is
+   backpropagated into the head and, through ``s_k``, the core, after ``delta_start`` is read, so it is
+   no part of the synthesizer's target.
 
 Units.  Block losses are means over the batch, so the gradient w.r.t. one stream's state is ``1/B`` of
 that stream's own; as in :mod:`sgrun.dni.interface`, synthesizers predict the per-stream gradient
@@ -107,12 +110,29 @@ class Step:
     aux_loss: Tensor | None      # DNI + Aux regression loss (before aux_weight)
 
 
+@torch.no_grad()
+def aux_target(model: RecurrentNet, end_state: Tensor, x_next: Tensor) -> Tensor:
+    """DNI + Aux target: ``M(s_2k)``, the synthesizer's output at the end of the next block.
+
+    ``x_next`` (``[k, B, ...]``) are the next block's inputs; they are run forward from the block-end
+    state ``end_state`` (``s_k``) with the current weights, without gradient, and the synthesizer is
+    applied to the state they end in.  Returns ``[B, 2H]``, detached, per-stream units.  BatchNorm
+    buffers (a synthesizer with ``batchnorm: true``) are left as they were.
+    """
+    with preserved_batchnorm(model):
+        ahead = model(x_next, end_state.detach()).state  # s_2k [B, 2H]
+        return model.synthesizer(ahead)
+
+
 def truncated_step(model: RecurrentNet, x: Tensor, y: Tensor, mask: Tensor, state: Tensor, step_loss,
-                   aux_weight: float = 0.0) -> Step:
+                   aux_weight: float = 0.0, x_next: Tensor | None = None) -> Step:
     """Forward and backward of one block (see the module docstring); the caller zeroes the gradients
-    before and steps the optimizer after."""
+    before and steps the optimizer after.  ``x_next``: the next block's inputs, needed (only) by a
+    model with the DNI + Aux head."""
     n = state.shape[0]
     synth = model.synthesizer
+    if model.aux_head is not None and x_next is None:
+        raise ValueError("DNI + Aux needs the next block's inputs: pass x_next to truncated_step")
     # [B, 2H] a leaf, detached from the previous block; with DNI its .grad is what arrives at the block start
     s0 = state.detach().requires_grad_(synth is not None)
     out = model(x, s0)  # logits [k, B, O], state [B, 2H]
@@ -127,8 +147,10 @@ def truncated_step(model: RecurrentNet, x: Tensor, y: Tensor, mask: Tensor, stat
     injected = sg_end * (model.scale / n) if model.mode == "synthetic" else torch.zeros_like(sg_end)
     aux_loss = None
     if model.aux_head is not None:
-        # DNI + Aux: from the state after the first step, predict the synthetic gradient of the block end
-        aux_loss = (model.aux_head(out.first) - sg_end).pow(2).sum(1).mean()
+        # DNI + Aux (sec. 3.1): from the block end s_k, predict the synthetic gradient M(s_2k) that the
+        # synthesizer will give at the end of the next block, k steps later
+        target = aux_target(model, out.state, x_next)
+        aux_loss = (model.aux_head(out.state) - target).pow(2).sum(1).mean()
 
     # The real loss plus the injected future gradient, in one backward; the reported loss stays `loss`.
     torch.autograd.backward((loss, out.state), (None, injected), retain_graph=aux_loss is not None)
@@ -153,6 +175,19 @@ def peek(task: StreamTask, steps: int) -> Block:
     block = task.next_block(steps)
     task.load_state_dict(saved)
     return block
+
+
+def read_block(task: StreamTask, k: int, look_ahead: bool = False) -> tuple[Block, Tensor | None]:
+    """The next ``k`` steps of the training stream and, with ``look_ahead``, the inputs ``x`` of the
+    ``k`` steps after them (``[k, B, ...]``, the DNI + Aux look-ahead), else ``None``.
+
+    The look-ahead is a :func:`peek` taken *before* the block is read, so the stream advances by
+    ``k`` steps exactly as without it (and a copy task's block is still open for ``report``).  At the
+    moment a copy-task curriculum advances, episodes that start in the next block are generated at the
+    new level, so the look-ahead saw the old level there: a prediction target, not the data trained on.
+    """
+    ahead = peek(task, 2 * k).x[k:] if look_ahead else None
+    return task.next_block(k), ahead
 
 
 def future_gradient_quality(model: RecurrentNet, state: Tensor, future: Block, k: int, step_loss,
@@ -303,10 +338,11 @@ def sequence_loop(cfg: DictConfig, session: Session) -> tuple[dict, RecurrentNet
     stopped_early = False
     bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None, dynamic_ncols=True)
     for step in range(first, steps + 1):
-        block = task.next_block(k)
+        block, ahead = read_block(task, k, look_ahead=model.aux_head is not None)
         x, y, mask = block.x.to(device), block.y.to(device), block.mask.to(device)  # [k, B, ...]
+        x_next = None if ahead is None else ahead.to(device)
         opt.zero_grad(set_to_none=True)
-        result = truncated_step(model, x, y, mask, state, step_loss, aux_weight)
+        result = truncated_step(model, x, y, mask, state, step_loss, aux_weight, x_next)
         opt.step()
         sched.step()
         state = result.state  # carried to the next block, detached

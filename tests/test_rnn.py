@@ -15,6 +15,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
+import sgrun.train_rnn as train_rnn
+from sgrun.data.copy_task import CopyTask
+from sgrun.data.ptb import PTBStream
 from sgrun.data.tasks import Block
 from sgrun.dni import GradientSynthesizer, Placement, SynthesizerSpec
 from sgrun.errors import ConfigError, DataError, SgrunError
@@ -25,6 +28,8 @@ from sgrun.train_rnn import (
     copy_step_loss,
     future_gradient_quality,
     lm_step_loss,
+    make_task,
+    read_block,
     truncated_step,
 )
 
@@ -171,31 +176,117 @@ def test_oracle_synthesizer_makes_truncated_bptt_equal_full_bptt(task):
 def test_aux_loss_reaches_the_core_and_not_the_synthesizer_target():
     model = net(scale=0.0, aux=True)
     x, y, _ = copy_block()
+    x_next = copy_block(seed=2)[0]
     no_targets = torch.zeros(K, B)  # no task loss: every core gradient comes from the aux loss
-    step = truncated_step(model, x, y, no_targets, torch.randn(B, 2 * H), copy_step_loss, aux_weight=1.0)
+    state = torch.randn(B, 2 * H)
+    step = truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=1.0, x_next=x_next)
     assert float(step.aux_loss) > 0
     for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0"):
         assert getattr(model.lstm, name).grad.abs().sum() > 0, name
     assert model.aux_head.weight.grad.abs().sum() > 0
     assert model.head.weight.grad.abs().sum() == 0  # the read-out is not on the aux path
     assert step.delta_start.abs().sum() == 0  # the aux gradient is no part of the synthesizer's target
+    synth_grads = grads(model.synthesizer.parameters())
 
-    model.zero_grad()  # with aux_weight 0 the same block leaves the core untouched
-    truncated_step(model, x, y, no_targets, torch.randn(B, 2 * H), copy_step_loss, aux_weight=0.0)
+    model.zero_grad()  # with aux_weight 0 the same block leaves the core untouched ...
+    truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=0.0, x_next=x_next)
     assert model.lstm.weight_hh_l0.grad.abs().sum() == 0
+    for a, b in zip(synth_grads, grads(model.synthesizer.parameters())):  # ... and the synthesizer as it was
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="x_next"):
+        truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=1.0)
 
 
-def test_aux_target_is_the_block_end_synthetic_gradient():
+def lstm_by_hand(model, x, state):
+    """The LSTM equations step by step (gate order i, f, g, o), from ``state = [h, c]``: the end state."""
+    lstm = model.lstm
+    h, c = state[:, :H], state[:, H:]
+    for x_t in x:
+        gates = x_t @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+    return torch.cat([h, c], dim=1)
+
+
+def test_aux_target_is_the_synthetic_gradient_at_the_end_of_the_next_block():
     model = net(aux=True)
     x, y, mask = copy_block()
+    x_next = copy_block(seed=2)[0]
     state = torch.randn(B, 2 * H)
-    step = truncated_step(model, x, y, mask, state, copy_step_loss, aux_weight=0.5)
+    weight = 0.5
+    step = truncated_step(model, x, y, mask, state, copy_step_loss, aux_weight=weight, x_next=x_next)
     with torch.no_grad():
-        out = model(x, state)
-        want = (model.aux_head(out.first) - model.synthesizer(out.state)).pow(2).sum(1).mean()
-        h1, c1 = model.lstm(x[:1], (state[:, :H][None].contiguous(), state[:, H:][None].contiguous()))[1]
-    assert torch.allclose(out.first, torch.cat([h1[0], c1[0]], 1))  # [h_1, c_1]: after the first step
-    assert torch.allclose(step.aux_loss, want, atol=1e-6)
+        s_k = lstm_by_hand(model, x, state)  # this block's end
+        s_2k = lstm_by_hand(model, x_next, s_k)  # the next block's end, from s_k with the same weights
+        assert torch.allclose(step.state, s_k, atol=1e-6)
+        target = model.synthesizer(s_2k)  # M(s_2k): what the synthesizer gives k steps later
+        err = model.aux_head(s_k) - target  # [B, 2H]
+        want = err.pow(2).sum(1).mean()
+        # the block-end prediction M(s_k) (the in-block target) is a different regression
+        assert not torch.allclose(want, (model.aux_head(s_k) - model.synthesizer(s_k)).pow(2).sum(1).mean())
+    assert torch.allclose(step.aux_loss, want, atol=1e-5)
+    # The head's gradient of aux_weight * mean_i ||A s_k,i + b - t_i||^2 (it is on no other path).
+    assert torch.allclose(model.aux_head.weight.grad, weight * 2 / B * err.T @ s_k, atol=1e-5)
+    assert torch.allclose(model.aux_head.bias.grad, weight * 2 / B * err.sum(0), atol=1e-5)
+    assert torch.allclose(train_rnn.aux_target(model, s_k, x_next), target, atol=1e-6)
+
+
+def test_look_ahead_leaves_the_stream_as_it_was():
+    """read_block with the look-ahead gives the same blocks, curriculum and task state as without, and its
+    look-ahead is the next block's inputs (unless the curriculum advanced in between)."""
+    g = torch.Generator().manual_seed(5)
+    for make in (lambda: CopyTask(4, bits=3, seed=2, repeat=True, window=6),
+                 lambda: PTBStream(torch.randint(0, 7, (200,), generator=g), 4, vocab_size=7)):
+        ahead_task, plain = make(), make()
+        if isinstance(ahead_task, PTBStream):
+            plain._data = ahead_task._data  # the same text
+        previous, checked, advanced = None, 0, 0
+        for i in range(60):
+            block, ahead = read_block(ahead_task, K, look_ahead=True)
+            same, none = read_block(plain, K)
+            assert none is None
+            for a, b in zip((block.x, block.y, block.mask), (same.x, same.y, same.mask)):
+                assert torch.equal(a, b)
+            if previous is not None:
+                assert torch.equal(previous, block.x)
+                checked += 1
+            previous = ahead
+            if isinstance(ahead_task, CopyTask):
+                errors = (torch.rand(K, 4, generator=g) < (0.05 if i % 4 else 1.0)).float() * 3 * block.mask
+                went_on = ahead_task.report(errors)
+                assert plain.report(errors) == went_on
+                advanced += went_on
+                if went_on:
+                    previous = None  # new episodes of the next block start at the new level
+        assert ahead_task.state_dict() == plain.state_dict()
+        assert checked > 30
+        if isinstance(ahead_task, CopyTask):
+            assert advanced >= 2 and ahead_task.level >= 2
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_aux_run_reads_the_same_stream_and_looks_ahead_at_the_next_block(preset, tmp_path, tiny_ptb, monkeypatch):
+    """A dni=every_k_aux run trains on exactly the stream a fresh task gives, and the look-ahead of
+    every block is the next block's inputs (curriculum frozen, so the stream does not depend on the model)."""
+    seen = []
+
+    def recording(model, x, y, mask, state, step_loss, aux_weight=0.0, x_next=None):
+        seen.append((x.clone(), y.clone(), mask.clone(), x_next.clone()))
+        return truncated_step(model, x, y, mask, state, step_loss, aux_weight, x_next)
+
+    monkeypatch.setattr(train_rnn, "truncated_step", recording)
+    frozen = [] if preset == "table1_ptb" else ["data.options.threshold=1e-9"]
+    cfg = compose_preset(preset, "profile=smoke", "dni=every_k_aux", "model.k=3", "profile.max_steps=null",
+                         "train.steps=12", *frozen, ptb=tiny_ptb if preset == "table1_ptb" else None)
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["steps"] == len(seen) == 12
+    fresh, _ = make_task(cfg, int(cfg.train.batch_size))
+    for i, (x, y, mask, x_next) in enumerate(seen):
+        block = fresh.next_block(3)
+        assert torch.equal(x, block.x) and torch.equal(y, block.y) and torch.equal(mask, block.mask), i
+        if i + 1 < len(seen):
+            assert torch.equal(x_next, seen[i + 1][0]), i
 
 
 def test_cosine_of_an_oracle_is_one():

@@ -30,14 +30,12 @@ class BlockOutput:
 
     Attributes:
         logits: ``[k, B, output_size]``, one read-out per step.
-        state: ``[B, 2H]``, the state ``[h_k, c_k]`` after the block's last step.
-        first: ``[B, 2H]``, the state ``[h_1, c_1]`` after the block's first step (the input of the
-            DNI + Aux head), or ``None`` when the model has no aux head.
+        state: ``[B, 2H]``, the state ``[h_k, c_k]`` after the block's last step (also the input of
+            the DNI + Aux head).
     """
 
     logits: Tensor
     state: Tensor
-    first: Tensor | None
 
 
 class RecurrentNet(nn.Module):
@@ -53,8 +51,9 @@ class RecurrentNet(nn.Module):
             1.0, the default of the TensorFlow / Sonnet LSTMs, starts the cells remembering.
         placement: where the backward interface goes; its only cut is ``"state"`` (``("all",)``
             means the same).  ``None`` (or mode ``off``) is plain truncated BPTT.
-        aux: add the DNI + Aux head, which predicts the synthetic gradient of the block end from
-            the state after the block's first step (sec. 3.1, "DNI + Aux").
+        aux: add the DNI + Aux head ``A``, a linear map of the block-end state ``s_k`` that predicts
+            the synthetic gradient of the end of the *next* block, ``M(s_2k)``, ``k`` steps later
+            (sec. 3.1, "DNI + Aux"; the target is built in :func:`sgrun.train_rnn.truncated_step`).
 
     Attributes: ``synthesizer`` (``None`` without DNI), ``scale`` and ``mode`` of the interface,
     ``aux_head`` (``None`` without aux), ``state_size`` (``2H``).
@@ -114,17 +113,6 @@ class RecurrentNet(nn.Module):
             x = nn.functional.one_hot(x, self.input_size).to(state.dtype)  # [k, B, V]
         h, c = state.chunk(2, dim=1)  # [B, H] each
         hc = (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous())  # [1, B, H]: nn.LSTM's layout
-        first = None
-        if self.aux_head is not None:
-            # The aux head needs [h_1, c_1], and nn.LSTM returns c only at the end: run step 1 alone.
-            out1, hc = self.lstm(x[:1], hc)  # [1, B, H]
-            first = torch.cat([hc[0][0], hc[1][0]], dim=1)  # [B, 2H]
-            if x.shape[0] > 1:
-                rest, hc = self.lstm(x[1:], hc)  # [k-1, B, H]
-                out = torch.cat([out1, rest], dim=0)
-            else:
-                out = out1
-        else:
-            out, hc = self.lstm(x, hc)  # [k, B, H]
+        out, hc = self.lstm(x, hc)  # [k, B, H]
         state_k = torch.cat([hc[0][0], hc[1][0]], dim=1)  # [B, 2H]
-        return BlockOutput(logits=self.head(out), state=state_k, first=first)
+        return BlockOutput(logits=self.head(out), state=state_k)

@@ -19,9 +19,10 @@ test: ## run the test suite (CPU, no network)
 lint: ## static checks
 	$(PYTHON) -m ruff check sgrun tests experiments
 
-bench: ## throughput: Bprop / DNI / cDNI steps per second (and the recurrent benchmark when present)
+bench: ## throughput: Bprop / DNI / cDNI steps/s, PTB chars/s, in-process vs pipeline samples/s
 	$(PYTHON) -m sgrun.bench
 	@if [ -f sgrun/bench_rnn.py ]; then $(PYTHON) -m sgrun.bench_rnn; fi
+	$(PYTHON) -m sgrun.bench_pipeline
 
 reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for one, SEEDS=N, LAUNCHER=local), then the report
 	@# the report is written even when a preset failed; the failure is still the exit status

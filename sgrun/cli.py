@@ -66,6 +66,9 @@ def _main(cfg: DictConfig) -> float | None:
         (out_dir / FAILED).write_text(traceback.format_exc())
         log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
         return None
+    if "rank" in metrics:  # a pipeline stage started by torchrun, other than rank 0
+        print(f"sgrun: pipeline stage {metrics['rank']} finished; rank 0 writes the results")
+        return None
     value = metrics.get(PRIMARY_METRIC.get(cfg.model.family, "test_error"))
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "minutes"}
     print(f"sgrun: {cfg.get('name') or 'run'} finished in {metrics['minutes']:.1f} min: "

@@ -100,7 +100,9 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
         with ckpt:
-            metrics, model = loop_of(cfg.model.family)(cfg, session)
+            metrics, model = loop_of(cfg.model.family, cfg.runtime.name)(cfg, session)
+        if model is None:  # a pipeline stage other than rank 0 under torchrun: rank 0 writes the results
+            return metrics
         metrics["minutes"] = session.minutes()
         session.writer.hparams(hparams_of(cfg), {k: v for k, v in metrics.items() if k != "history"})
     finally:
@@ -120,7 +122,11 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
 LOOP_MODULES = {"feedforward": "sgrun.train", "rnn": "sgrun.train_rnn", "hrnn": "sgrun.train_hrnn"}
 
 
-def loop_of(family: str):
+def loop_of(family: str, runtime: str = "inprocess"):
+    if runtime == "pipeline":
+        return importlib.import_module("sgrun.pipeline").train_pipeline
+    if runtime != "inprocess":
+        raise SgrunError(f"runtime must be inprocess or pipeline (got {runtime!r}): choose runtime=inprocess|pipeline")
     if family not in LOOP_MODULES:
         raise SgrunError(f"model.family must be one of {', '.join(LOOP_MODULES)} (got {family!r}): choose "
                          "model=fcn|cnn|rnn|hrnn")
@@ -260,7 +266,7 @@ def train_classifier(cfg: DictConfig, session: Session) -> dict:
         check_finite(step, loss_sum, model, lr)  # never checkpoint a diverged run
         return {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "sampler": sampler.state_dict(), "update_gen": update_gen.get_state(), "history": list(history),
-                "loss_sum": loss_sum.clone(), "tick_step": tick_step}
+                "loss_sum": loss_sum.clone(), "tick_step": tick_step, "seconds": list(seconds)}
 
     if session.resumed is not None:
         r = session.resumed
@@ -279,6 +285,10 @@ def train_classifier(cfg: DictConfig, session: Session) -> dict:
         return nn.functional.cross_entropy(model(x, ctx), y)
 
     tick = time.time()
+    eval_time = 0.0  # seconds spent evaluating, left out of the training time and speed
+    seconds = list(session.resumed.get("seconds", [])) if session.resumed is not None else []
+    seconds_before = seconds[-1] if seconds else 0.0  # training seconds before a resume
+    loop_start = tick - seconds_before
     model.train()
     bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None, dynamic_ncols=True)
     for step in range(first, steps + 1):
@@ -311,15 +321,20 @@ def train_classifier(cfg: DictConfig, session: Session) -> dict:
             tick, tick_step = now, step
             bar.set_postfix(loss=f"{mean_loss:.3f}")
         if step % eval_every == 0 or step == steps:
+            t_eval = time.time()
+            seconds.append(round(t_eval - loop_start - eval_time, 3))
             err = classification_error(model, test_x, test_y, device)
             writer.scalar("error/test", err, step)
             history.append((step, err))
+            eval_time += time.time() - t_eval
             log.info("step %d/%d  test error %.2f%%", step, steps, err)
         bar.update(1)
         session.step_done(step, steps, loop_state)
     bar.close()
+    # training seconds at each evaluation (this process's, without evaluation time; since a resume)
     metrics = {"test_error": history[-1][1], "best_test_error": min(e for _, e in history), "steps": steps,
-               "history": history}
+               "history": history, "seconds": seconds,
+               "samples_per_sec": (steps - first + 1) * sampler.batch_size / max(seconds[-1] - seconds_before, 1e-9)}
     return metrics, model
 
 

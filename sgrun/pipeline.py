@@ -1,0 +1,555 @@
+"""``runtime=pipeline``: every stage of a feed-forward net in its own process, joined by DNI.
+
+Jaderberg et al. 2017, sec. 1: a module joined to the next by a synthetic gradient need not wait
+for it.  Here the network is split at ``runtime.boundaries`` (cuts such as ``h2``) into ``S`` stages;
+stage ``s`` runs in process (rank) ``s`` and talks to its neighbours with ``torch.distributed``
+point-to-point messages (gloo on CPU, nccl on GPU).
+
+One step of stage ``s`` (:class:`Stage`), DNI pipeline:
+
+1. take a batch of activations (and labels) from stage ``s-1`` (stage 0 samples the data);
+2. forward through its blocks (interfaces inside the stage work as in the in-process run);
+3. ask the boundary synthesizer for ``delta_hat = M(h_out, c)`` and backpropagate it at once:
+   the stage updates without waiting for anything above it;
+4. send ``h_out`` on, send the gradient that reached its input back to ``s-1`` (the bootstrapped
+   target of the synthesizer below), step its optimizer;
+5. whenever the gradient for an earlier batch comes back from ``s+1``, however late, regress the
+   synthesizer's prediction for that batch on it.  The prediction's graph is kept on a snapshot
+   of the synthesizer's weights taken at step 3, so a late target trains the synthesizer with the
+   gradient it would have had then (delayed-gradient SGD).  At most ``runtime.max_inflight`` batches
+   wait for their target; a stage that is that far ahead blocks.  How many steps late each target
+   arrives (staleness) is logged.
+
+The last stage computes the loss and its ordinary backward.  With ``dni=none`` the same split is
+trained by plain backprop across the processes (the locked baseline): a stage sends ``h_out`` and
+waits for its gradient before it updates.
+
+With ``max_inflight=1`` nothing overlaps and a 2-stage DNI run equals the in-process DNI run bit for
+bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
+
+Test error is measured by stage 0 on the assembled model at every evaluation point: every stage
+first waits for its outstanding targets, then the stages' weights are gathered on rank 0.
+TensorBoard tags (rank 0): ``error/test``, ``loss/train``, ``perf/samples_per_sec``,
+``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``.
+
+Launch: ``sgrun runtime=pipeline`` starts the ``S`` processes itself on this machine; across machines
+start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes``, ``--node-rank``,
+``--master-addr``), which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.func import functional_call
+
+from sgrun.build import build_model, build_optimizer, device_of, placement_of
+from sgrun.checkpoint import Interrupted
+from sgrun.data.images import load_images
+from sgrun.errors import ConfigError, SgrunError
+from sgrun.metrics import Writer
+
+log = logging.getLogger("sgrun")
+
+RESULT = "pipeline_result.pt"
+_TAG_ACT, _TAG_LABEL, _TAG_GRAD = 1, 2, 3
+
+
+# --------------------------------------------------------------------------- the split
+
+
+@dataclass(frozen=True)
+class Split:
+    """Stage ``s`` holds blocks ``ranges[s][0] .. ranges[s][1] - 1``; ``boundaries[s]`` is its top cut."""
+
+    boundaries: tuple[str, ...]
+    ranges: tuple[tuple[int, int], ...]
+    locked: bool  # no interfaces at all: plain backprop across the stages
+
+    @property
+    def stages(self) -> int:
+        return len(self.ranges)
+
+
+def plan_split(model: nn.Module, runtime: DictConfig) -> Split:
+    """Check ``runtime.stages`` / ``runtime.boundaries`` against the model's cuts and interfaces."""
+    cuts = list(model.cut_names)
+    stages = int(runtime.stages)
+    if stages < 1:
+        raise ConfigError(f"runtime.stages must be >= 1 (got {stages}): set runtime.stages=2")
+    if stages > len(cuts) + 1:
+        raise ConfigError(f"runtime.stages={stages} but this model has only {len(cuts)} cuts "
+                          f"({', '.join(cuts)}), so at most {len(cuts) + 1} stages: lower runtime.stages "
+                          "or use more model.layers")
+    placed = list(model.interfaces)
+    locked = not placed
+    given = runtime.boundaries
+    if given in (None, "auto"):
+        boundaries = balanced_boundaries(model, stages)
+    else:
+        boundaries = [str(b) for b in given]
+        unknown = [b for b in boundaries if b not in cuts]
+        if unknown:
+            raise ConfigError(f"runtime.boundaries: no cut named {', '.join(map(repr, unknown))}: valid cuts are "
+                              f"{', '.join(cuts)}, e.g. runtime.boundaries=[{cuts[len(cuts) // 2]}]")
+        if len(boundaries) != stages - 1 or len(set(boundaries)) != len(boundaries):
+            raise ConfigError(f"runtime.boundaries needs {stages - 1} different cuts for runtime.stages={stages} "
+                              f"(got {boundaries}): choose from {', '.join(cuts)} or set runtime.boundaries=auto")
+        boundaries.sort(key=cuts.index)
+    if not locked:
+        missing = [b for b in boundaries if b not in placed]
+        if missing:
+            raise ConfigError(f"stage boundary {', '.join(missing)} has no interface (interfaces at "
+                              f"{', '.join(placed)}): choose boundaries among them, or place interfaces there "
+                              "(dni.cuts=[all])")
+        if model.unlocked:
+            raise ConfigError("runtime=pipeline does not run synthetic inputs (complete unlock): use "
+                              "dni=every_layer or dni=cdni")
+    edges = [0] + [cuts.index(b) + 1 for b in boundaries] + [len(cuts)]
+    return Split(tuple(boundaries), tuple(zip(edges[:-1], edges[1:])), locked)
+
+
+def balanced_boundaries(model: nn.Module, stages: int) -> list[str]:
+    """Boundaries that balance the stages' compute: multiply-adds of each block and of the
+    synthesizer above it, counted on one example, split so the largest stage is smallest."""
+    costs = block_costs(model)
+    n = len(costs)
+    best: tuple[float, tuple[int, ...]] | None = None
+
+    def search(start: int, left: int, chosen: tuple[int, ...]):
+        nonlocal best
+        if left == 1:
+            parts = list(zip((0,) + chosen, chosen + (n,)))
+            worst = max(sum(costs[a:b]) for a, b in parts)
+            if best is None or worst < best[0]:
+                best = (worst, chosen)
+            return
+        for end in range(start + 1, n - left + 2):
+            search(end, left - 1, chosen + (end,))
+
+    search(0, stages, ())
+    return [model.cut_names[e - 1] for e in best[1]]
+
+
+def block_costs(model: nn.Module) -> list[float]:
+    """Multiply-adds per example of each block together with its cut's synthesizer."""
+    model = copy.deepcopy(model)  # the counting forward must not touch the BatchNorm statistics
+    counts: dict[nn.Module, float] = {}
+
+    def hook(module, inputs, output):
+        w = module.weight
+        per_out = w[0].numel()  # in_features, or in_channels * kh * kw
+        counts[module] = counts.get(module, 0.0) + per_out * output[0].numel()
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    shape = getattr(model, "in_shape", None)
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.train()
+            x = torch.zeros(2, *shape)
+            ctx = torch.zeros(2, model.context_dim) if model.context_dim else None
+            model(x, ctx)
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    costs = []
+    for name, block in zip(model.cut_names, model.blocks):
+        mods = list(block.modules()) + (list(model.interfaces[name].modules()) if name in model.interfaces else [])
+        costs.append(sum(counts.get(m, 0.0) for m in mods) / 2)
+    costs[-1] += sum(counts.get(m, 0.0) for m in model.head.modules()) / 2
+    return costs
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+class StageNet(nn.Module):
+    """Blocks ``lo .. hi-1`` of a :class:`~sgrun.models.feedforward.FeedForward`, their interior
+    interfaces, and the head if this is the last stage (the boundary interface is the caller's)."""
+
+    def __init__(self, model: nn.Module, lo: int, hi: int, last: bool) -> None:
+        super().__init__()
+        self.names = model.cut_names[lo:hi]
+        self.blocks = nn.ModuleList(model.blocks[lo:hi])
+        inner = self.names if last else self.names[:-1]
+        self.interfaces = nn.ModuleDict({n: model.interfaces[n] for n in inner if n in model.interfaces})
+        self.head = model.head if last else None
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        for name, block in zip(self.names, self.blocks):
+            h = block(h)
+            if name in self.interfaces:
+                h = self.interfaces[name](h, context)
+        return self.head(h) if self.head is not None else h
+
+
+class Stage:
+    """The training loop of one stage (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, rank: int, split: Split, model: nn.Module, steps: int, lr: float,
+                 device: torch.device, sampler=None) -> None:
+        self.rank, self.split, self.device, self.steps = rank, split, device, steps
+        self.first, self.last = rank == 0, rank == split.stages - 1
+        lo, hi = split.ranges[rank]
+        self.net = StageNet(model, lo, hi, self.last)
+        self.in_shape = tuple(model.in_shape) if self.first else tuple(model.cut_shapes[model.cut_names[lo - 1]])
+        self.out_shape = None if self.last else tuple(model.cut_shapes[split.boundaries[rank]])
+        self.boundary = None if (self.last or split.locked) else model.interfaces[split.boundaries[rank]]
+        self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
+        self.num_classes = model.num_classes
+        self.batch = int(cfg.train.batch_size) if sampler is None else sampler.batch_size
+        self.sampler = sampler
+        self.max_inflight = int(cfg.runtime.max_inflight)
+        # the stage's own parameters: Adam as in the in-process run (synthesizers in their own group)
+        self.opt, self.sched = build_optimizer(cfg, self.net, steps, lr)
+        if self.boundary is not None:
+            synth_lr = lr * float(cfg.dni.get("lr_factor", 1.0))
+            self.synth_opt = torch.optim.Adam(self.boundary.synthesizer.parameters(), lr=synth_lr,
+                                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            milestones = sorted({max(1, int(round(f * steps))) for f in cfg.optim.decay_at})
+            self.synth_sched = torch.optim.lr_scheduler.MultiStepLR(self.synth_opt, milestones, cfg.optim.gamma)
+        self.pending: deque = deque()  # (step, delta_hat graph, snapshot params) waiting for their target
+        self.sends: deque = deque()    # outstanding isend works (and the tensors they read)
+        self.target_recv = None        # (work, buffer) of the next target from above
+        self.step = 0
+        # statistics since the last report
+        self.stale: list[int] = []
+        self.sg_losses: list[float] = []
+        self.losses: list[float] = []
+
+    # -- messages
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        tensor = tensor.contiguous()
+        self.sends.append((dist.isend(tensor, dst, tag=tag), tensor))
+        while len(self.sends) > 4 * self.max_inflight + 4:
+            self.sends.popleft()[0].wait()
+
+    def _recv(self, shape, dtype, src: int, tag: int) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src, tag=tag)
+        return buf
+
+    def _post_target_recv(self) -> None:
+        buf = torch.empty((self.batch, *self.out_shape), device=self.device)
+        self.target_recv = (dist.irecv(buf, self.rank + 1, tag=_TAG_GRAD), buf)
+
+    def flush(self) -> None:
+        while self.sends:
+            self.sends.popleft()[0].wait()
+
+    # -- one step
+    def train_step(self) -> None:
+        self.step += 1
+        if self.first:
+            x, y = self.sampler.next()
+        else:
+            x = self._recv((self.batch, *self.in_shape), torch.float32, self.rank - 1, _TAG_ACT)
+            y = self._recv((self.batch,), torch.int64, self.rank - 1, _TAG_LABEL)
+            x.requires_grad_(True)
+        n = y.shape[0]
+        ctx = nn.functional.one_hot(y, self.num_classes).float() if self.conditioned else None
+        self.opt.zero_grad(set_to_none=True)
+        out = self.net(x, ctx)
+        if self.last:
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            self.losses.append(float(loss.detach()))
+        else:
+            self._send(out.detach(), self.rank + 1, _TAG_ACT)
+            self._send(y, self.rank + 1, _TAG_LABEL)
+            if self.boundary is None:  # locked: wait for the true gradient from above
+                grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
+                out.backward(grad)
+            else:
+                # the synthetic gradient now; its graph lives on a snapshot of the synthesizer's weights
+                synth = self.boundary.synthesizer
+                snapshot = {k: p.detach().clone().requires_grad_(True) for k, p in synth.named_parameters()}
+                delta_hat = functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, (out, ctx))
+                out.backward(delta_hat.detach() * (self.boundary.scale / n))
+                self.pending.append((self.step, delta_hat, snapshot))
+        if not self.first:
+            self._send(x.grad, self.rank - 1, _TAG_GRAD)
+        self.opt.step()
+        self.sched.step()
+        if self.boundary is not None:
+            self.take_targets()
+
+    def take_targets(self, drain: bool = False) -> None:
+        """Train the boundary synthesizer on the targets that have come back; wait while
+        ``max_inflight`` batches wait for theirs (with ``drain``: until none waits)."""
+        while self.pending:
+            if self.target_recv is None:
+                self._post_target_recv()
+            work, buf = self.target_recv
+            if not (drain or len(self.pending) >= self.max_inflight or work.is_completed()):
+                return
+            work.wait()
+            self.target_recv = None
+            self.train_synthesizer(buf)
+
+    def train_synthesizer(self, grad: torch.Tensor) -> None:
+        step, delta_hat, snapshot = self.pending.popleft()
+        n = grad.shape[0]
+        diff = delta_hat.detach() - grad * n  # the per-example target, as in sgrun.dni.interface
+        self.sg_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))
+        names = list(snapshot)
+        grads = torch.autograd.grad(delta_hat, [snapshot[k] for k in names], diff * (2.0 / n))
+        params = dict(self.boundary.synthesizer.named_parameters())
+        for k, g in zip(names, grads):
+            params[k].grad = g
+        self.synth_opt.step()
+        self.synth_sched.step()
+        self.stale.append(self.step - step)
+
+    def state(self, full_names: dict[int, str]) -> dict:
+        """This stage's weights under the full model's names."""
+        return {full_names[id(t)]: t.detach().clone() for t in self._tensors()}
+
+    def _tensors(self):
+        yield from self.net.parameters()
+        yield from self.net.buffers()
+        if self.boundary is not None:
+            yield from self.boundary.parameters()
+            yield from self.boundary.buffers()
+
+    def report(self) -> dict:
+        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses}
+        self.stale, self.sg_losses, self.losses = [], [], []
+        return r
+
+
+# --------------------------------------------------------------------------- a stage's process
+
+
+def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None) -> dict | None:
+    """Everything one process does; rank 0 also evaluates and logs.  Returns rank 0's result."""
+    from sgrun.train import BatchSampler, budget, classification_error
+
+    cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
+    device = device_of(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    torch.set_flush_denormal(True)
+    torch.manual_seed(cfg.seed)
+    data = load_images(cfg.data.name, cfg.data_dir, download=cfg.data.download,
+                       **OmegaConf.to_container(cfg.data.options, resolve=True))
+    model = full_model(cfg, tuple(data.shape), data.num_classes)
+    split = plan_split(model, cfg.runtime)
+    if split.stages != world:
+        raise ConfigError(f"{world} processes for {split.stages} stages: start as many processes as runtime.stages")
+    model.to(device).train()
+    full_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
+    steps, lr, eval_every = budget(cfg)
+    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device) if rank == 0 else None
+    stage = Stage(cfg, rank, split, model, steps, lr, device, sampler)
+
+    timeout = datetime.timedelta(seconds=float(cfg.runtime.timeout))
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    ctrl = dist.new_group(backend="gloo", timeout=timeout)
+    writer = Writer(Path(out_dir) / "tb" / "pipeline") if rank == 0 else None
+    history: list[tuple[int, float]] = []
+    seconds: list[float] = []  # training seconds at each evaluation (the slowest stage's, without evaluations)
+    staleness: dict[str, list[float]] = {} if split.locked else {b: [0.0, 0.0, 0.0] for b in split.boundaries}
+    result = None
+    try:
+        tick, t_train = time.time(), 0.0
+        for step in range(1, steps + 1):
+            stage.train_step()
+            if step % eval_every == 0 or step == steps:
+                if stage.boundary is not None:
+                    stage.take_targets(drain=True)
+                stage.flush()
+                t_train += time.time() - tick
+                gathered = [None] * world if rank == 0 else None
+                dist.gather_object((stage.state(full_names), stage.report(), t_train), gathered, dst=0, group=ctrl)
+                if rank == 0:
+                    state = {}
+                    for part in gathered:
+                        state.update(part[0])
+                    model.load_state_dict(state)
+                    err = classification_error(model, data.test_x, data.test_y, device)
+                    history.append((step, err))
+                    seconds.append(round(max(p[2] for p in gathered), 3))
+                    rate = step * stage.batch / max(seconds[-1], 1e-9)
+                    log_gathered(writer, split, gathered, step, err, rate)
+                    for s, part in enumerate(gathered[:-1] if not split.locked else []):
+                        acc, stale = staleness[split.boundaries[s]], part[1]["stale"]
+                        acc[0], acc[1] = acc[0] + sum(stale), acc[1] + len(stale)
+                        acc[2] = max([acc[2], *stale])
+                    log.info("step %d/%d  test error %.2f%%  %.0f samples/s", step, steps, err, rate)
+                tick = time.time()
+        if rank == 0:
+            stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])} for cut, acc in staleness.items()}
+            result = {"metrics": {"test_error": history[-1][1], "best_test_error": min(e for _, e in history),
+                                  "steps": steps, "history": history, "seconds": seconds,
+                                  "samples_per_sec": steps * stage.batch / max(seconds[-1], 1e-9),
+                                  "stages": world, "boundaries": list(split.boundaries),
+                                  "locked": split.locked, "staleness": stale},
+                      "state": {k: v.cpu() for k, v in model.state_dict().items()}}
+        dist.barrier(group=ctrl)
+    finally:
+        if writer is not None:
+            writer.close()
+        dist.destroy_process_group()
+    return result
+
+
+def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: float, rate: float) -> None:
+    writer.scalar("error/test", err, step)
+    writer.scalar("perf/samples_per_sec", rate, step)
+    losses = gathered[-1][1]["loss"]
+    if losses:
+        writer.scalar("loss/train", sum(losses) / len(losses), step)
+    for s, part in enumerate(gathered[:-1]):
+        rep, cut = part[1], split.boundaries[s]
+        if rep["stale"]:
+            writer.scalar(f"pipeline/{cut}/staleness_mean", sum(rep["stale"]) / len(rep["stale"]), step)
+            writer.scalar(f"pipeline/{cut}/staleness_max", max(rep["stale"]), step)
+        if rep["sg"]:
+            writer.scalar(f"dni/{cut}/sg_loss", sum(rep["sg"]) / len(rep["sg"]), step)
+
+
+def _spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int, errors) -> None:
+    """Entry of a process started by :func:`train_pipeline`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops everyone
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        result = stage_main(rank, world, cfg, out_dir)
+        if result is not None:
+            torch.save(result, Path(out_dir) / RESULT)
+    except SgrunError as e:
+        errors.put((rank, str(e), None))
+        raise SystemExit(3) from None
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise SystemExit(3) from None
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+def free_port(port: int) -> int:
+    """``port`` if it can be bound (0: any free port); a port in use is a one-line error."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(f"runtime.port={port} is in use: set runtime.port=0 (any free port) or another port") from None
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
+    """The ``runtime=pipeline`` loop: start the stages (or be one, under torchrun) and return
+    rank 0's metrics and the assembled model."""
+    if cfg.model.family != "feedforward":
+        raise ConfigError(f"runtime=pipeline runs feed-forward models (model=fcn|cnn), not model={cfg.model.name}: "
+                          "use runtime=inprocess")
+    if float(cfg.train.update_prob) < 1.0:
+        raise ConfigError("runtime=pipeline updates every stage at every step: set train.update_prob=1.0 or "
+                          "runtime=inprocess")
+    if cfg.dni.mode != "synthetic" and cfg.dni.cuts:
+        raise ConfigError(f"runtime=pipeline needs dni.mode=synthetic (got {cfg.dni.mode}): set dni.mode=synthetic")
+    if int(cfg.runtime.max_inflight) < 1:
+        raise ConfigError(f"runtime.max_inflight must be >= 1 (got {cfg.runtime.max_inflight}): "
+                          "set runtime.max_inflight=2")
+    out_dir = Path(session.ckpt.dir)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    data = load_images(cfg.data.name, cfg.data_dir, download=cfg.data.download,
+                       **OmegaConf.to_container(cfg.data.options, resolve=True))
+    shape, classes = tuple(data.shape), data.num_classes
+    del data
+    # the split is checked here too, so that a bad one is one line before any process starts
+    plan_split(full_model(cfg, shape, classes), cfg.runtime)
+    if under_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        result = stage_main(rank, world, cfg, str(out_dir))
+        if rank != 0:
+            return {"rank": rank}, None
+    else:
+        result = spawn_stages(cfg, container, out_dir, session)
+    model = full_model(cfg, shape, classes)
+    model.load_state_dict(result["state"])
+    return result["metrics"], model
+
+
+def full_model(cfg: DictConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The whole feed-forward model, as the in-process run builds it (same seed, same weights)."""
+    model = build_model(cfg, in_shape=shape, num_classes=classes, placement=placement_of(cfg.dni))
+    model.in_shape, model.num_classes = shape, classes
+    model.context_dim = classes if cfg.dni.conditioned else 0
+    return model
+
+
+def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> dict:
+    import torch.multiprocessing as mp
+
+    world = int(cfg.runtime.stages)
+    port = free_port(int(cfg.runtime.port))
+    threads = int(cfg.runtime.threads) if cfg.runtime.threads not in (None, "auto") else max(1, (os.cpu_count() or 1) // world)
+    (out_dir / RESULT).unlink(missing_ok=True)
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    log.info("pipeline: %d stages, %d thread(s) each, port %d", world, threads, port)
+    procs = mp.start_processes(_spawned, args=(world, container, str(out_dir), port, threads, errors),
+                               nprocs=world, join=False, start_method="spawn")
+    try:
+        while not procs.join(timeout=0.5):
+            if session.ckpt.stop_signal is not None:
+                raise Interrupted("interrupted: all pipeline stages stopped (pipeline runs keep no checkpoint)")
+    except mp.ProcessExitedException as e:
+        raise SgrunError(stage_failure(e, errors)) from None
+    except mp.ProcessRaisedException as e:  # not expected: stages report through `errors`
+        raise SgrunError(f"a pipeline stage failed: {str(e).strip().splitlines()[-1]}") from None
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in procs.processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    result = torch.load(out_dir / RESULT, weights_only=False)
+    (out_dir / RESULT).unlink()
+    return result
+
+
+def stage_failure(e, errors) -> str:
+    """The failing stage's own error, not its neighbours' broken connections."""
+    reports = []
+    while not errors.empty():
+        reports.append(errors.get())
+    own = [r for r in reports if r[0] == e.error_index]
+    first = own[0] if own else (reports[0] if reports else None)
+    if e.exit_code is not None and e.exit_code < 0 and not own:
+        name = signal.Signals(-e.exit_code).name
+        return f"pipeline stage {e.error_index} was killed ({name}); all stages stopped: run again"
+    if first is None:
+        return f"pipeline stage {e.error_index} exited with code {e.exit_code}; all stages stopped"
+    rank, message, trace = first
+    if trace:
+        log.error("pipeline stage %d:\n%s", rank, trace)
+    return f"pipeline stage {rank}: {message}"

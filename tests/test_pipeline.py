@@ -1,0 +1,203 @@
+"""runtime=pipeline: one process per stage (sgrun/pipeline.py).
+
+Every run here is the installed ``sgrun`` in a subprocess, on the generated dataset.  Runs that are
+compared bit for bit use one torch thread per process on both sides.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from clirun import sgrun
+from configs import make_cfg
+
+from sgrun.errors import ConfigError
+from sgrun.pipeline import full_model, plan_split
+
+TINY = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=12", "train.eval_every=6",
+        "train.batch_size=32", "train.log_every=6", "checkpoint.every=0"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def trained(tmp_path: Path, name: str, *overrides: str, env=None) -> tuple[dict, dict]:
+    folder = tmp_path / name
+    done = sgrun(*TINY, *overrides, f"hydra.run.dir={folder}", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    return summary["metrics"], torch.load(folder / "model.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"differ: {differ}"
+
+
+PIPE = ["runtime=pipeline", "runtime.threads=1"]
+
+
+def test_one_stage_is_the_in_process_run(tmp_path):
+    m_in, w_in = trained(tmp_path, "in", "dni=every_layer", env=ONE_THREAD)
+    m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=every_layer", *PIPE, "runtime.stages=1")
+    assert_same_weights(w_in, w_pipe)
+    assert m_in["history"] == m_pipe["history"]
+
+
+def test_two_stages_without_overlap_equal_in_process_dni_bit_for_bit(tmp_path):
+    m_in, w_in = trained(tmp_path, "in", "dni=every_layer", "model.layers=4", env=ONE_THREAD)
+    m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=every_layer", "model.layers=4", *PIPE,
+                             "runtime.stages=2", "runtime.max_inflight=1", "runtime.boundaries=[h2]")
+    assert_same_weights(w_in, w_pipe)  # synthesizers and BatchNorm statistics included
+    assert m_in["history"] == m_pipe["history"]
+    assert m_pipe["staleness"] == {"h2": {"mean": 0.0, "max": 0}}
+
+
+def test_cdni_three_stages_without_overlap_equal_in_process(tmp_path):
+    _, w_in = trained(tmp_path, "in", "dni=cdni", "model.layers=4", env=ONE_THREAD)
+    _, w_pipe = trained(tmp_path, "pipe", "dni=cdni", "model.layers=4", *PIPE, "runtime.stages=3",
+                        "runtime.max_inflight=1")
+    assert_same_weights(w_in, w_pipe)
+
+
+def test_locked_pipeline_is_backprop(tmp_path):
+    _, w_in = trained(tmp_path, "in", "dni=none", "model.layers=4", env=ONE_THREAD)
+    m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=none", "model.layers=4", *PIPE, "runtime.stages=3")
+    assert_same_weights(w_in, w_pipe)
+    assert m_pipe["locked"] is True and m_pipe["staleness"] == {}
+
+
+def test_overlap_changes_the_run_and_staleness_stays_bounded(tmp_path):
+    _, w_in = trained(tmp_path, "in", "dni=every_layer", env=ONE_THREAD)
+    m, w = trained(tmp_path, "pipe", "dni=every_layer", *PIPE, "runtime.max_inflight=3", "train.steps=30",
+                   "train.eval_every=10")
+    stale = m["staleness"]["h1"]
+    assert 0 <= stale["mean"] <= stale["max"] <= 2  # at most max_inflight - 1 steps late
+    assert m["samples_per_sec"] > 0 and len(m["seconds"]) == len(m["history"]) == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "pipe" / "tb" / "pipeline")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"error/test", "loss/train", "perf/samples_per_sec", "pipeline/h1/staleness_mean",
+            "pipeline/h1/staleness_max", "dni/h1/sg_loss"} <= tags
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["runtime.stages=4"], ["runtime.stages=4", "at most 3 stages"]),
+    (["runtime.stages=0"], ["runtime.stages must be >= 1"]),
+    (["runtime.boundaries=[h7]"], ["no cut named 'h7'", "h1, h2"]),
+    (["model.layers=4", "runtime.stages=3", "runtime.boundaries=[h1]"], ["needs 2 different cuts"]),
+    (["dni.cuts=[h1]", "model.layers=4", "runtime.boundaries=[h2]"], ["boundary h2 has no interface"]),
+    (["runtime.max_inflight=0"], ["runtime.max_inflight must be >= 1"]),
+    (["model=rnn", "data=copy"], ["runtime=pipeline runs feed-forward models"]),
+    (["dni=complete_unlock"], ["synthetic inputs"]),
+    (["train.update_prob=0.5"], ["train.update_prob=1.0"]),
+])
+def test_bad_pipeline_settings_are_one_line(tmp_path, overrides, words):
+    done = sgrun(*TINY, "dni=every_layer", *PIPE, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-1500:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), lines
+
+
+def test_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        done = sgrun(*TINY, "dni=every_layer", *PIPE, f"runtime.port={port}", f"hydra.run.dir={tmp_path / 'r'}",
+                     cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"sgrun: error: runtime.port={port} is in use: set runtime.port=0 (any free "
+                                   "port) or another port")
+
+
+def test_auto_boundaries_balance_the_synthesizers():
+    # 4-layer FCN with DNI: three 1024-wide synthesizers dominate; 2 stages put one of them below
+    # and two above (h1), 3 stages one synthesizer each
+    cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=4", "dni=every_layer", "runtime=pipeline")
+    model = full_model(cfg, (1, 28, 28), 10)
+    assert plan_split(model, cfg.runtime).boundaries == ("h1",)
+    cfg.runtime.stages = 3
+    assert plan_split(model, cfg.runtime).boundaries == ("h1", "h2")
+    cfg.runtime.stages = 5
+    with pytest.raises(ConfigError, match="at most 4 stages"):
+        plan_split(model, cfg.runtime)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A pipeline run that trains long enough to be interrupted; returns it and its stage pids."""
+    env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sgrun", *TINY, "dni=every_layer", *PIPE, "train.steps=100000",
+                             "train.eval_every=100000", f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    stages: list[int] = []
+    while time.time() < deadline:
+        stages = [p for p in children_of(proc.pid)
+                  if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        if len(stages) == 2 and (tmp_path / "run" / "tb" / "pipeline").exists():
+            break
+        time.sleep(0.3)
+    assert len(stages) == 2, "the two stage processes did not start"
+    time.sleep(2)  # let them train a little
+    return proc, sorted(stages)
+
+
+def test_a_stage_that_dies_stops_all_with_one_line(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    os.kill(stages[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("sgrun: error: pipeline stage 1 was killed (SIGKILL)")
+    time.sleep(0.5)
+    assert not any(alive(p) for p in stages)
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc, stages = start_long_run(tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-1500:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    time.sleep(0.5)
+    assert not any(alive(p) for p in stages)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_torchrun_launch(tmp_path):
+    """Across machines each stage is started by torchrun; here both on this one."""
+    pytest.importorskip("torch.distributed.run")
+    env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    folder = tmp_path / "tr"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "sgrun", *TINY, "dni=every_layer", "model.layers=4", "runtime=pipeline",
+                           "runtime.max_inflight=1", "runtime.boundaries=[h2]", f"hydra.run.dir={folder}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, w_in = trained(tmp_path, "in", "dni=every_layer", "model.layers=4", env=ONE_THREAD)
+    assert_same_weights(w_in, torch.load(folder / "model.pt"))

@@ -1,15 +1,17 @@
 """``make bench``: decoupled training as wall-clock speed, one process per stage (``runtime=pipeline``).
 
-For each model, four runs of the same number of samples on MNIST, each a real ``sgrun`` command:
+For each model, six runs of the same number of samples on MNIST, each a real ``sgrun`` command:
 
 (a) in-process Bprop, (b) in-process DNI, (c) the locked pipeline (``dni=none``: backprop across the
 stage processes), (d) the DNI pipeline (each stage updates with its synthetic gradient at once).
+Two more: (b1) is (b) on one stage's share of the cores, and (c2) is the locked pipeline that still
+runs and trains the synthesizers (``dni.mode=train_only``), i.e. the compute of (d) with the locking
+as the only difference.
 
 Printed per run: training samples per second (evaluation time left out), its ratio to (b), the test
 error after all samples, and the test error at a fixed wall-clock budget (the training time of the
 fastest run: the last evaluation each run had made by then).  The in-process runs use all cores in
-one process; a pipeline gives each of its ``S`` processes cores / S threads.  S = 4 runs only where
-there are at least 4 cores.
+one process; a pipeline gives each of its ``S`` processes cores / S threads.  S = 4 runs only where there are at least 4 cores.
 
 Run: ``python -m sgrun.bench_pipeline [--models fcn,cnn] [--fcn-steps N] [--cnn-steps N] [--stages 2,4]``.
 """
@@ -32,19 +34,23 @@ MODELS = {
 MAX_STAGES = {"fcn": 4, "cnn": 3}  # cuts + 1
 
 
-def variants(stages: int, max_inflight: int) -> dict[str, list[str]]:
+def variants(stages: int, max_inflight: int, cores: int) -> dict[str, tuple[list[str], dict]]:
+    """label -> (overrides, environment); (b1) is (b) on one stage's share of the cores."""
     pipe = ["runtime=pipeline", f"runtime.stages={stages}", f"runtime.max_inflight={max_inflight}"]
+    share = {"OMP_NUM_THREADS": str(max(1, cores // stages))}
     return {
-        "(a) in-process Bprop": ["dni=none"],
-        "(b) in-process DNI": ["dni=every_layer"],
-        f"(c) locked pipeline S={stages}": ["dni=none", *pipe],
-        f"(d) DNI pipeline S={stages}": ["dni=every_layer", *pipe],
+        "(a) in-process Bprop": (["dni=none"], {}),
+        "(b) in-process DNI": (["dni=every_layer"], {}),
+        f"(b1) in-process DNI, {share['OMP_NUM_THREADS']} thr": (["dni=every_layer"], share),
+        f"(c) locked pipeline S={stages}": (["dni=none", *pipe], {}),
+        f"(c2) locked, DNI compute S={stages}": (["dni=every_layer", "dni.mode=train_only", *pipe], {}),
+        f"(d) DNI pipeline S={stages}": (["dni=every_layer", *pipe], {}),
     }
 
 
-def run_one(overrides: list[str], folder: Path) -> dict:
+def run_one(overrides: list[str], folder: Path, env: dict) -> dict:
     cmd = [sys.executable, "-m", "sgrun", *overrides, f"hydra.run.dir={folder}"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode != 0:
         tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
         raise SystemExit(f"bench run failed ({' '.join(overrides)}): {tail[0] if tail else done.returncode}")
@@ -57,25 +63,28 @@ def error_at(metrics: dict, seconds: float) -> float | None:
     return made[-1] if made else None
 
 
-def bench_model(name: str, steps: int, batch: int, stages: int, max_inflight: int, root: Path) -> None:
+def bench_model(name: str, steps: int, batch: int, stages: int, max_inflight: int, cores: int, root: Path) -> None:
     common = ["data=mnist", *MODELS[name], f"train.steps={steps}", f"train.eval_every={max(1, steps // 5)}",
               f"train.batch_size={batch}", f"train.log_every={steps}", "train.sg_quality=false",
               "optim.lr=3e-4", "checkpoint.every=0", "profile=paper"]
     results = {}
-    for label, extra in variants(stages, max_inflight).items():
+    for label, (extra, env) in variants(stages, max_inflight, cores).items():
         print(f"  running {label} ...", flush=True)
-        results[label] = run_one([*common, *extra], root / f"{name}-{stages}-{len(results)}")
+        results[label] = run_one([*common, *extra], root / f"{name}-{stages}-{len(results)}", env)
     base = results["(b) in-process DNI"]["samples_per_sec"]
     budget = min(m["seconds"][-1] for m in results.values())
     print(f"\n{name.upper()}, batch {batch}, {steps} steps ({steps * batch} samples), S = {stages}, "
           f"max_inflight = {max_inflight}, budget {budget:.0f} s")
-    print(f"{'run':<28}{'samples/s':>11}{'/ (b)':>8}{'err % end':>11}{'err % @budget':>15}  staleness")
+    print(f"{'run':<32}{'samples/s':>11}{'/ (b)':>8}{'err % end':>11}{'err % @budget':>15}  staleness")
     for label, m in results.items():
         at = error_at(m, budget)
         stale = ", ".join(f"{c}: mean {s['mean']:.2f} max {s['max']}" for c, s in m.get("staleness", {}).items())
-        print(f"{label:<28}{m['samples_per_sec']:>11.0f}{m['samples_per_sec'] / base:>8.2f}"
+        print(f"{label:<32}{m['samples_per_sec']:>11.0f}{m['samples_per_sec'] / base:>8.2f}"
               f"{m['test_error']:>11.2f}{'-' if at is None else f'{at:.2f}':>15}  {stale}")
     d, c = results[f"(d) DNI pipeline S={stages}"], results[f"(c) locked pipeline S={stages}"]
+    c2 = results[f"(c2) locked, DNI compute S={stages}"]
+    print(f"(d)/(c2) = {d['samples_per_sec'] / c2['samples_per_sec']:.2f}, "
+          f"(d)/(b1) = {d['samples_per_sec'] / results[next(k for k in results if k.startswith('(b1)'))]['samples_per_sec']:.2f}")
     print(f"(d)/(b) = {d['samples_per_sec'] / base:.2f}, (d)/(c) = {d['samples_per_sec'] / c['samples_per_sec']:.2f}, "
           f"test error (d) - (b) = {d['test_error'] - results['(b) in-process DNI']['test_error']:+.2f} points\n",
           flush=True)
@@ -102,7 +111,7 @@ def main() -> None:
                     print(f"{name.upper()}: S = {stages} skipped (at most {MAX_STAGES[name]} stages)\n")
                     continue
                 steps = a.fcn_steps if name == "fcn" else a.cnn_steps
-                bench_model(name, steps, a.batch, stages, a.max_inflight, Path(tmp))
+                bench_model(name, steps, a.batch, stages, a.max_inflight, cores, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ One step of stage ``s`` (:class:`Stage`), DNI pipeline:
 
 The last stage computes the loss and its ordinary backward.  With ``dni=none`` the same split is
 trained by plain backprop across the processes (the locked baseline): a stage sends ``h_out`` and
-waits for its gradient before it updates.
+waits for its gradient before it updates.  With ``dni.mode=train_only`` it is locked the same way
+but the synthesizers still run and learn from the true gradient: the DNI pipeline's compute, with
+the locking as the only difference.
 
 With ``max_inflight=1`` nothing overlaps and a 2-stage DNI run equals the in-process DNI run bit for
 bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
@@ -96,7 +98,8 @@ def plan_split(model: nn.Module, runtime: DictConfig) -> Split:
                           f"({', '.join(cuts)}), so at most {len(cuts) + 1} stages: lower runtime.stages "
                           "or use more model.layers")
     placed = list(model.interfaces)
-    locked = not placed
+    # locked: no interfaces (backprop), or interfaces that only learn (dni.mode=train_only)
+    locked = not placed or all(model.interfaces[c].mode == "train_only" for c in placed)
     given = runtime.boundaries
     if given in (None, "auto"):
         boundaries = balanced_boundaries(model, stages)
@@ -211,7 +214,9 @@ class Stage:
         self.net = StageNet(model, lo, hi, self.last)
         self.in_shape = tuple(model.in_shape) if self.first else tuple(model.cut_shapes[model.cut_names[lo - 1]])
         self.out_shape = None if self.last else tuple(model.cut_shapes[split.boundaries[rank]])
-        self.boundary = None if (self.last or split.locked) else model.interfaces[split.boundaries[rank]]
+        self.boundary = None if self.last else model.interfaces[split.boundaries[rank]] \
+            if split.boundaries[rank] in model.interfaces else None
+        self.locked = split.locked
         self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
         self.num_classes = model.num_classes
         self.batch = int(cfg.train.batch_size) if sampler is None else sampler.batch_size
@@ -274,22 +279,31 @@ class Stage:
         else:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)
             self._send(y, self.rank + 1, _TAG_LABEL)
-            if self.boundary is None:  # locked: wait for the true gradient from above
+            if self.locked:  # wait for the true gradient from above
+                if self.boundary is not None:  # train_only: the synthesizer learns from it too
+                    self.pending.append((self.step, *self.predict(out, ctx)))
                 grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
                 out.backward(grad)
+                if self.boundary is not None:
+                    self.train_synthesizer(grad)
             else:
-                # the synthetic gradient now; its graph lives on a snapshot of the synthesizer's weights
-                synth = self.boundary.synthesizer
-                snapshot = {k: p.detach().clone().requires_grad_(True) for k, p in synth.named_parameters()}
-                delta_hat = functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, (out, ctx))
+                # the synthetic gradient now, and the update with it: nothing above is waited for
+                delta_hat, snapshot = self.predict(out, ctx)
                 out.backward(delta_hat.detach() * (self.boundary.scale / n))
                 self.pending.append((self.step, delta_hat, snapshot))
         if not self.first:
             self._send(x.grad, self.rank - 1, _TAG_GRAD)
         self.opt.step()
         self.sched.step()
-        if self.boundary is not None:
+        if self.boundary is not None and not self.locked:
             self.take_targets()
+
+    def predict(self, out: torch.Tensor, ctx: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """``M(out, ctx)``, its graph on a snapshot of the synthesizer's weights (which may have moved
+        on by the time the target arrives)."""
+        synth = self.boundary.synthesizer
+        snapshot = {k: p.detach().clone().requires_grad_(True) for k, p in synth.named_parameters()}
+        return functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, (out, ctx)), snapshot
 
     def take_targets(self, drain: bool = False) -> None:
         """Train the boundary synthesizer on the targets that have come back; wait while
@@ -374,7 +388,7 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
         for step in range(1, steps + 1):
             stage.train_step()
             if step % eval_every == 0 or step == steps:
-                if stage.boundary is not None:
+                if stage.boundary is not None and not stage.locked:
                     stage.take_targets(drain=True)
                 stage.flush()
                 t_train += time.time() - tick
@@ -471,8 +485,9 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     if float(cfg.train.update_prob) < 1.0:
         raise ConfigError("runtime=pipeline updates every stage at every step: set train.update_prob=1.0 or "
                           "runtime=inprocess")
-    if cfg.dni.mode != "synthetic" and cfg.dni.cuts:
-        raise ConfigError(f"runtime=pipeline needs dni.mode=synthetic (got {cfg.dni.mode}): set dni.mode=synthetic")
+    if cfg.dni.mode == "off" and cfg.dni.cuts:
+        raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked pipeline, or "
+                          "dni.mode=synthetic")
     if int(cfg.runtime.max_inflight) < 1:
         raise ConfigError(f"runtime.max_inflight must be >= 1 (got {cfg.runtime.max_inflight}): "
                           "set runtime.max_inflight=2")

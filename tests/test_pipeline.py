@@ -66,6 +66,15 @@ def test_cdni_three_stages_without_overlap_equal_in_process(tmp_path):
     assert_same_weights(w_in, w_pipe)
 
 
+def test_locked_pipeline_with_learning_synthesizers_equals_train_only(tmp_path):
+    # dni.mode=train_only: the true gradient crosses the stages, the synthesizers still learn from it
+    only = ["dni=every_layer", "dni.mode=train_only", "model.layers=4"]
+    _, w_in = trained(tmp_path, "in", *only, env=ONE_THREAD)
+    m_pipe, w_pipe = trained(tmp_path, "pipe", *only, *PIPE, "runtime.stages=2", "runtime.max_inflight=3")
+    assert_same_weights(w_in, w_pipe)
+    assert m_pipe["locked"] is True
+
+
 def test_locked_pipeline_is_backprop(tmp_path):
     _, w_in = trained(tmp_path, "in", "dni=none", "model.layers=4", env=ONE_THREAD)
     m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=none", "model.layers=4", *PIPE, "runtime.stages=3")

@@ -21,7 +21,7 @@ lint: ## static checks
 
 bench: ## throughput: Bprop / DNI / cDNI steps/s, PTB chars/s, in-process vs pipeline samples/s
 	$(PYTHON) -m sgrun.bench
-	@if [ -f sgrun/bench_rnn.py ]; then $(PYTHON) -m sgrun.bench_rnn; fi
+	$(PYTHON) -m sgrun.bench_rnn
 	$(PYTHON) -m sgrun.bench_pipeline
 
 reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for one, SEEDS=N, LAUNCHER=local), then the report

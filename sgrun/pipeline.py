@@ -409,6 +409,9 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                         acc[0], acc[1] = acc[0] + sum(stale), acc[1] + len(stale)
                         acc[2] = max([acc[2], *stale])
                     log.info("step %d/%d  test error %.2f%%  %.0f samples/s", step, steps, err, rate)
+                # every stage restarts its clock after rank 0's evaluation, so that no stage counts
+                # the time it would otherwise spend waiting on the evaluating stage as training time
+                dist.barrier(group=ctrl)
                 tick = time.time()
         if rank == 0:
             stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])} for cut, acc in staleness.items()}

@@ -20,19 +20,28 @@ One step of stage ``s`` (:class:`Stage`), DNI pipeline:
    wait for their target; a stage that is that far ahead blocks.  How many steps late each target
    arrives (staleness) is logged.
 
+With synthetic inputs (``dni=complete_unlock|complete_unlock_cdni``, sec. 3.3) the stages are
+unlocked forwards too: every stage draws the same batches from its own copy of the data (same seed),
+and stage ``s+1`` runs on ``h_hat = I(x)`` of the cut below without waiting for stage ``s``.  The real
+activation that stage ``s`` sends is only ``I``'s regression target, taken whenever it arrives (on
+a snapshot of ``I``'s weights, like the synthesizer's), at most ``max_inflight`` batches late; the
+gradient w.r.t. ``h_hat`` goes back to stage ``s`` as its synthesizer's target, as in
+:mod:`sgrun.dni.forward`.
+
 The last stage computes the loss and its ordinary backward.  With ``dni=none`` the same split is
 trained by plain backprop across the processes (the locked baseline): a stage sends ``h_out`` and
 waits for its gradient before it updates.  With ``dni.mode=train_only`` it is locked the same way
 but the synthesizers still run and learn from the true gradient: the DNI pipeline's compute, with
 the locking as the only difference.
 
-With ``max_inflight=1`` nothing overlaps and a 2-stage DNI run equals the in-process DNI run bit for
-bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
+With ``max_inflight=1`` nothing overlaps and a DNI run (with or without synthetic inputs) equals the
+in-process run bit for bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
 
 Test error is measured by stage 0 on the assembled model at every evaluation point: every stage
 first waits for its outstanding targets, then the stages' weights are gathered on rank 0.
 TensorBoard tags (rank 0): ``error/test``, ``loss/train``, ``perf/samples_per_sec``,
-``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``.
+``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``; with
+synthetic inputs also ``pipeline/<cut>/input_staleness_mean|max`` and ``dni/<cut>/input_loss``.
 
 Launch: ``sgrun runtime=pipeline`` starts the ``S`` processes itself on this machine; across machines
 start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes``, ``--node-rank``,
@@ -119,9 +128,6 @@ def plan_split(model: nn.Module, runtime: DictConfig) -> Split:
             raise ConfigError(f"stage boundary {', '.join(missing)} has no interface (interfaces at "
                               f"{', '.join(placed)}): choose boundaries among them, or place interfaces there "
                               "(dni.cuts=[all])")
-        if model.unlocked:
-            raise ConfigError("runtime=pipeline does not run synthetic inputs (complete unlock): use "
-                              "dni=every_layer or dni=cdni")
     edges = [0] + [cuts.index(b) + 1 for b in boundaries] + [len(cuts)]
     return Split(tuple(boundaries), tuple(zip(edges[:-1], edges[1:])), locked)
 
@@ -149,7 +155,8 @@ def balanced_boundaries(model: nn.Module, stages: int) -> list[str]:
 
 
 def block_costs(model: nn.Module) -> list[float]:
-    """Multiply-adds per example of each block together with its cut's synthesizer."""
+    """Multiply-adds per example of each block together with the gradient synthesizer of the cut
+    above it and the input synthesizer of the cut below it (complete unlock)."""
     model = copy.deepcopy(model)  # the counting forward must not touch the BatchNorm statistics
     counts: dict[nn.Module, float] = {}
 
@@ -162,7 +169,7 @@ def block_costs(model: nn.Module) -> list[float]:
     handles = [m.register_forward_hook(hook) for m in layers]
     shape = getattr(model, "in_shape", None)
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # interfaces run their synthesizers only when gradients are on
             was = model.training
             model.train()
             x = torch.zeros(2, *shape)
@@ -172,11 +179,16 @@ def block_costs(model: nn.Module) -> list[float]:
     finally:
         for h in handles:
             h.remove()
-    costs = []
-    for name, block in zip(model.cut_names, model.blocks):
-        mods = list(block.modules()) + (list(model.interfaces[name].modules()) if name in model.interfaces else [])
-        costs.append(sum(counts.get(m, 0.0) for m in mods) / 2)
-    costs[-1] += sum(counts.get(m, 0.0) for m in model.head.modules()) / 2
+    def cost(module: nn.Module | None) -> float:
+        return 0.0 if module is None else sum(counts.get(m, 0.0) for m in module.modules())
+
+    costs = [cost(block) for block in model.blocks]
+    costs[-1] += cost(model.head)
+    for i, name in enumerate(model.cut_names):
+        if name in model.interfaces:
+            iface = model.interfaces[name]
+            costs[i] += cost(iface.synthesizer)  # M(h) runs below the cut, I(x) above it
+            costs[min(i + 1, len(costs) - 1)] += cost(getattr(iface, "input_model", None))
     return costs
 
 
@@ -194,12 +206,14 @@ class StageNet(nn.Module):
         inner = self.names if last else self.names[:-1]
         self.interfaces = nn.ModuleDict({n: model.interfaces[n] for n in inner if n in model.interfaces})
         self.head = model.head if last else None
+        self.unlocked = bool(model.unlocked)
 
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: the data input, which interfaces with synthetic inputs predict from."""
         for name, block in zip(self.names, self.blocks):
             h = block(h)
             if name in self.interfaces:
-                h = self.interfaces[name](h, context)
+                h = self.interfaces[name](h, context, x) if self.unlocked else self.interfaces[name](h, context)
         return self.head(h) if self.head is not None else h
 
 
@@ -217,6 +231,10 @@ class Stage:
         self.boundary = None if self.last else model.interfaces[split.boundaries[rank]] \
             if split.boundaries[rank] in model.interfaces else None
         self.locked = split.locked
+        # complete unlock: this stage's input is I(x) of the cut below, predicted here from its own
+        # copy of the data stream; the real activation from below only trains I, however late
+        self.unlocked = bool(model.unlocked) and not split.locked
+        self.below = model.interfaces[split.boundaries[rank - 1]] if self.unlocked and not self.first else None
         self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
         self.num_classes = model.num_classes
         self.batch = int(cfg.train.batch_size) if sampler is None else sampler.batch_size
@@ -225,19 +243,30 @@ class Stage:
         # the stage's own parameters: Adam as in the in-process run (synthesizers in their own group)
         self.opt, self.sched = build_optimizer(cfg, self.net, steps, lr)
         if self.boundary is not None:
-            synth_lr = lr * float(cfg.dni.get("lr_factor", 1.0))
-            self.synth_opt = torch.optim.Adam(self.boundary.synthesizer.parameters(), lr=synth_lr,
-                                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-            milestones = sorted({max(1, int(round(f * steps))) for f in cfg.optim.decay_at})
-            self.synth_sched = torch.optim.lr_scheduler.MultiStepLR(self.synth_opt, milestones, cfg.optim.gamma)
+            self.synth_opt, self.synth_sched = self._own_adam(cfg, self.boundary.synthesizer, steps, lr)
+        if self.below is not None:
+            self.input_opt, self.input_sched = self._own_adam(cfg, self.below.input_model, steps, lr)
         self.pending: deque = deque()  # (step, delta_hat graph, snapshot params) waiting for their target
+        self.pending_in: deque = deque()  # (step, h_hat graph, snapshot params) waiting for the real h
         self.sends: deque = deque()    # outstanding isend works (and the tensors they read)
         self.target_recv = None        # (work, buffer) of the next target from above
+        self.input_recv = None         # (work, buffer) of the next real activation from below
         self.step = 0
         # statistics since the last report
         self.stale: list[int] = []
         self.sg_losses: list[float] = []
+        self.in_stale: list[int] = []
+        self.in_losses: list[float] = []
         self.losses: list[float] = []
+
+    @staticmethod
+    def _own_adam(cfg: DictConfig, module: nn.Module, steps: int, lr: float):
+        """Adam and step decay for a synthesizer trained apart from its stage, as the in-process run
+        trains it in its synthesizer group."""
+        opt = torch.optim.Adam(module.parameters(), lr=lr * float(cfg.dni.get("lr_factor", 1.0)),
+                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        milestones = sorted({max(1, int(round(f * steps))) for f in cfg.optim.decay_at})
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.optim.gamma)
 
     # -- messages
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -251,9 +280,9 @@ class Stage:
         dist.recv(buf, src, tag=tag)
         return buf
 
-    def _post_target_recv(self) -> None:
-        buf = torch.empty((self.batch, *self.out_shape), device=self.device)
-        self.target_recv = (dist.irecv(buf, self.rank + 1, tag=_TAG_GRAD), buf)
+    def _post_recv(self, shape, src: int, tag: int):
+        buf = torch.empty((self.batch, *shape), device=self.device)
+        return dist.irecv(buf, src, tag=tag), buf
 
     def flush(self) -> None:
         while self.sends:
@@ -262,61 +291,80 @@ class Stage:
     # -- one step
     def train_step(self) -> None:
         self.step += 1
+        data = None
         if self.first:
             x, y = self.sampler.next()
+        elif self.unlocked:  # nothing from below is waited for: the input is I(data)
+            data, y = self.sampler.next()
+            h_hat, snapshot = self.predict(self.below.input_model, (data,))
+            self.pending_in.append((self.step, h_hat, snapshot))
+            x = h_hat.detach().requires_grad_(True)
         else:
             x = self._recv((self.batch, *self.in_shape), torch.float32, self.rank - 1, _TAG_ACT)
             y = self._recv((self.batch,), torch.int64, self.rank - 1, _TAG_LABEL)
             x.requires_grad_(True)
+        if self.first:
+            data = x
         n = y.shape[0]
         ctx = nn.functional.one_hot(y, self.num_classes).float() if self.conditioned else None
         self.opt.zero_grad(set_to_none=True)
-        out = self.net(x, ctx)
+        out = self.net(x, ctx, data)
         if self.last:
             loss = nn.functional.cross_entropy(out, y)
             loss.backward()
             self.losses.append(float(loss.detach()))
         else:
-            self._send(out.detach(), self.rank + 1, _TAG_ACT)
-            self._send(y, self.rank + 1, _TAG_LABEL)
+            self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
+            if not self.unlocked:  # the stage above samples the same batches itself
+                self._send(y, self.rank + 1, _TAG_LABEL)
             if self.locked:  # wait for the true gradient from above
                 if self.boundary is not None:  # train_only: the synthesizer learns from it too
-                    self.pending.append((self.step, *self.predict(out, ctx)))
+                    self.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx))))
                 grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
                 out.backward(grad)
                 if self.boundary is not None:
                     self.train_synthesizer(grad)
             else:
                 # the synthetic gradient now, and the update with it: nothing above is waited for
-                delta_hat, snapshot = self.predict(out, ctx)
+                delta_hat, snapshot = self.predict(self.boundary.synthesizer, (out, ctx))
                 out.backward(delta_hat.detach() * (self.boundary.scale / n))
                 self.pending.append((self.step, delta_hat, snapshot))
         if not self.first:
             self._send(x.grad, self.rank - 1, _TAG_GRAD)
         self.opt.step()
         self.sched.step()
-        if self.boundary is not None and not self.locked:
+        if not self.locked:
             self.take_targets()
 
-    def predict(self, out: torch.Tensor, ctx: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        """``M(out, ctx)``, its graph on a snapshot of the synthesizer's weights (which may have moved
+    @staticmethod
+    def predict(synth: nn.Module, args: tuple) -> tuple[torch.Tensor, dict]:
+        """``synth(*args)``, its graph on a snapshot of the synthesizer's weights (which may have moved
         on by the time the target arrives)."""
-        synth = self.boundary.synthesizer
         snapshot = {k: p.detach().clone().requires_grad_(True) for k, p in synth.named_parameters()}
-        return functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, (out, ctx)), snapshot
+        return functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, args), snapshot
 
     def take_targets(self, drain: bool = False) -> None:
-        """Train the boundary synthesizer on the targets that have come back; wait while
+        """Train the synthesizers on the targets that have come back: gradients from above for the
+        boundary's ``M``, real activations from below for ``I`` of the cut below.  Wait while
         ``max_inflight`` batches wait for theirs (with ``drain``: until none waits)."""
         while self.pending:
             if self.target_recv is None:
-                self._post_target_recv()
+                self.target_recv = self._post_recv(self.out_shape, self.rank + 1, _TAG_GRAD)
             work, buf = self.target_recv
             if not (drain or len(self.pending) >= self.max_inflight or work.is_completed()):
-                return
+                break
             work.wait()
             self.target_recv = None
             self.train_synthesizer(buf)
+        while self.pending_in:
+            if self.input_recv is None:
+                self.input_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT)
+            work, buf = self.input_recv
+            if not (drain or len(self.pending_in) >= self.max_inflight or work.is_completed()):
+                break
+            work.wait()
+            self.input_recv = None
+            self.train_input_model(buf)
 
     def train_synthesizer(self, grad: torch.Tensor) -> None:
         step, delta_hat, snapshot = self.pending.popleft()
@@ -332,20 +380,40 @@ class Stage:
         self.synth_sched.step()
         self.stale.append(self.step - step)
 
+    def train_input_model(self, h: torch.Tensor) -> None:
+        """Regress ``I``'s prediction of an earlier batch on the real activation that produced it
+        below: the gradient of ``mean_i ||h_hat_i - h_i||^2``, as in :mod:`sgrun.dni.forward`."""
+        step, h_hat, snapshot = self.pending_in.popleft()
+        n = h.shape[0]
+        diff = h_hat.detach() - h
+        self.in_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))
+        names = list(snapshot)
+        grads = torch.autograd.grad(h_hat, [snapshot[k] for k in names], diff * (2.0 / n))
+        params = dict(self.below.input_model.named_parameters())
+        for k, g in zip(names, grads):
+            params[k].grad = g
+        self.input_opt.step()
+        self.input_sched.step()
+        self.in_stale.append(self.step - step)
+
     def state(self, full_names: dict[int, str]) -> dict:
         """This stage's weights under the full model's names."""
         return {full_names[id(t)]: t.detach().clone() for t in self._tensors()}
 
     def _tensors(self):
-        yield from self.net.parameters()
-        yield from self.net.buffers()
+        owned = [self.net]
         if self.boundary is not None:
-            yield from self.boundary.parameters()
-            yield from self.boundary.buffers()
+            owned.append(self.boundary.synthesizer)  # its input model (complete unlock) runs above
+        if self.below is not None:
+            owned.append(self.below.input_model)
+        for module in owned:
+            yield from module.parameters()
+            yield from module.buffers()
 
     def report(self) -> dict:
-        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses}
-        self.stale, self.sg_losses, self.losses = [], [], []
+        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses, "in_stale": self.in_stale,
+             "in_loss": self.in_losses}
+        self.stale, self.sg_losses, self.losses, self.in_stale, self.in_losses = [], [], [], [], []
         return r
 
 
@@ -372,7 +440,9 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     model.to(device).train()
     full_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
     steps, lr, eval_every = budget(cfg)
-    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device) if rank == 0 else None
+    # with synthetic inputs every stage draws the same batches itself (same seed): the data is not waited for
+    own_data = rank == 0 or (model.unlocked and not split.locked)
+    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device) if own_data else None
     stage = Stage(cfg, rank, split, model, steps, lr, device, sampler)
 
     timeout = datetime.timedelta(seconds=float(cfg.runtime.timeout))
@@ -381,14 +451,15 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     writer = Writer(Path(out_dir) / "tb" / "pipeline") if rank == 0 else None
     history: list[tuple[int, float]] = []
     seconds: list[float] = []  # training seconds at each evaluation (the slowest stage's, without evaluations)
-    staleness: dict[str, list[float]] = {} if split.locked else {b: [0.0, 0.0, 0.0] for b in split.boundaries}
+    # per boundary: [sum, count, max] of the gradient targets' staleness, then of the input targets'
+    staleness: dict[str, list[float]] = {} if split.locked else {b: [0.0, 0.0, 0.0] * 2 for b in split.boundaries}
     result = None
     try:
         tick, t_train = time.time(), 0.0
         for step in range(1, steps + 1):
             stage.train_step()
             if step % eval_every == 0 or step == steps:
-                if stage.boundary is not None and not stage.locked:
+                if not stage.locked:
                     stage.take_targets(drain=True)
                 stage.flush()
                 t_train += time.time() - tick
@@ -404,10 +475,11 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                     seconds.append(round(max(p[2] for p in gathered), 3))
                     rate = step * stage.batch / max(seconds[-1], 1e-9)
                     log_gathered(writer, split, gathered, step, err, rate)
-                    for s, part in enumerate(gathered[:-1] if not split.locked else []):
-                        acc, stale = staleness[split.boundaries[s]], part[1]["stale"]
-                        acc[0], acc[1] = acc[0] + sum(stale), acc[1] + len(stale)
-                        acc[2] = max([acc[2], *stale])
+                    for s, cut in enumerate(staleness):
+                        for k, stale in ((0, gathered[s][1]["stale"]), (3, gathered[s + 1][1]["in_stale"])):
+                            acc = staleness[cut]
+                            acc[k], acc[k + 1] = acc[k] + sum(stale), acc[k + 1] + len(stale)
+                            acc[k + 2] = max([acc[k + 2], *stale])
                     log.info("step %d/%d  test error %.2f%%  %.0f samples/s", step, steps, err, rate)
                 # every stage restarts its clock after rank 0's evaluation, so that no stage counts
                 # the time it would otherwise spend waiting on the evaluating stage as training time
@@ -415,6 +487,9 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                 tick = time.time()
         if rank == 0:
             stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])} for cut, acc in staleness.items()}
+            if stage.unlocked:  # how late the real activations came to train the synthetic inputs
+                for cut, acc in staleness.items():
+                    stale[cut].update(input_mean=acc[3] / max(acc[4], 1), input_max=int(acc[5]))
             result = {"metrics": {"test_error": history[-1][1], "best_test_error": min(e for _, e in history),
                                   "steps": steps, "history": history, "seconds": seconds,
                                   "samples_per_sec": steps * stage.batch / max(seconds[-1], 1e-9),
@@ -442,6 +517,11 @@ def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: f
             writer.scalar(f"pipeline/{cut}/staleness_max", max(rep["stale"]), step)
         if rep["sg"]:
             writer.scalar(f"dni/{cut}/sg_loss", sum(rep["sg"]) / len(rep["sg"]), step)
+        above = gathered[s + 1][1]
+        if above["in_stale"]:
+            writer.scalar(f"pipeline/{cut}/input_staleness_mean", sum(above["in_stale"]) / len(above["in_stale"]), step)
+            writer.scalar(f"pipeline/{cut}/input_staleness_max", max(above["in_stale"]), step)
+            writer.scalar(f"dni/{cut}/input_loss", sum(above["in_loss"]) / len(above["in_loss"]), step)
 
 
 def _spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int, errors) -> None:

@@ -19,7 +19,7 @@ from clirun import sgrun
 from configs import make_cfg
 
 from sgrun.errors import ConfigError
-from sgrun.pipeline import full_model, plan_split
+from sgrun.pipeline import block_costs, full_model, plan_split
 
 TINY = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=12", "train.eval_every=6",
         "train.batch_size=32", "train.log_every=6", "checkpoint.every=0"]
@@ -96,6 +96,36 @@ def test_overlap_changes_the_run_and_staleness_stays_bounded(tmp_path):
             "pipeline/h1/staleness_max", "dni/h1/sg_loss"} <= tags
 
 
+def test_complete_unlock_two_stages_without_overlap_equal_in_process(tmp_path):
+    # stage 1 runs on I(x) from its own copy of the batches; h from stage 0 only trains I
+    unlock = ["dni=complete_unlock", "model.layers=4"]
+    m_in, w_in = trained(tmp_path, "in", *unlock, env=ONE_THREAD)
+    m_pipe, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=2", "runtime.max_inflight=1",
+                             "runtime.boundaries=[h2]")
+    assert_same_weights(w_in, w_pipe)  # input models, synthesizers and BatchNorm statistics included
+    assert m_in["history"] == m_pipe["history"]
+    assert m_pipe["staleness"] == {"h2": {"mean": 0.0, "max": 0, "input_mean": 0.0, "input_max": 0}}
+
+
+def test_complete_unlock_cdni_three_stages_without_overlap_equal_in_process(tmp_path):
+    unlock = ["dni=complete_unlock_cdni", "model.layers=4"]
+    _, w_in = trained(tmp_path, "in", *unlock, env=ONE_THREAD)
+    _, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=3", "runtime.max_inflight=1")
+    assert_same_weights(w_in, w_pipe)
+
+
+def test_complete_unlock_overlap_bounds_both_stalenesses(tmp_path):
+    _, w_in = trained(tmp_path, "in", "dni=complete_unlock", env=ONE_THREAD)
+    m, w = trained(tmp_path, "pipe", "dni=complete_unlock", *PIPE, "runtime.max_inflight=3", "train.steps=30",
+                   "train.eval_every=10")
+    stale = m["staleness"]["h1"]
+    assert 0 <= stale["mean"] <= stale["max"] <= 2 and 0 <= stale["input_mean"] <= stale["input_max"] <= 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "pipe" / "tb" / "pipeline")).Reload()
+    assert {"pipeline/h1/input_staleness_mean", "pipeline/h1/input_staleness_max", "dni/h1/input_loss",
+            "dni/h1/sg_loss"} <= set(events.Tags()["scalars"])
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["runtime.stages=4"], ["runtime.stages=4", "at most 3 stages"]),
     (["runtime.stages=0"], ["runtime.stages must be >= 1"]),
@@ -104,7 +134,6 @@ def test_overlap_changes_the_run_and_staleness_stays_bounded(tmp_path):
     (["dni.cuts=[h1]", "model.layers=4", "runtime.boundaries=[h2]"], ["boundary h2 has no interface"]),
     (["runtime.max_inflight=0"], ["runtime.max_inflight must be >= 1"]),
     (["model=rnn", "data=copy"], ["runtime=pipeline runs feed-forward models"]),
-    (["dni=complete_unlock"], ["synthetic inputs"]),
     (["train.update_prob=0.5"], ["train.update_prob=1.0"]),
 ])
 def test_bad_pipeline_settings_are_one_line(tmp_path, overrides, words):
@@ -137,6 +166,18 @@ def test_auto_boundaries_balance_the_synthesizers():
     cfg.runtime.stages = 5
     with pytest.raises(ConfigError, match="at most 4 stages"):
         plan_split(model, cfg.runtime)
+
+
+def test_input_synthesizer_is_counted_above_its_cut():
+    # I(x) of cut h1 runs in the stage above h1, so it adds to the cost of block 2, not block 1
+    def costs(dni):
+        cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=3", f"dni={dni}", "runtime=pipeline")
+        return block_costs(full_model(cfg, (1, 28, 28), 10))
+
+    dni, unlock = costs("every_layer"), costs("complete_unlock")
+    i_cost = 784 * 1024 + 1024 * 1024 + 1024 * 256  # two hidden layers of 1024, then the cut's 256 units
+    assert unlock[0] == dni[0]
+    assert unlock[1] == dni[1] + 2 * i_cost  # I of h1, and I of h2 (whose consumer is the head)
 
 
 # --------------------------------------------------------------------------- processes

@@ -7,7 +7,9 @@ point-to-point messages (gloo on CPU, nccl on GPU).
 
 One step of stage ``s`` (:class:`Stage`), DNI pipeline:
 
-1. take a batch of activations (and labels) from stage ``s-1`` (stage 0 samples the data);
+1. take a batch of activations from stage ``s-1`` (stage 0 samples the data; every stage draws the
+   same batches from its own sampler with the same seed, so labels are never sent, and the receive
+   of the next batch is posted at once so that it arrives while this one computes);
 2. forward through its blocks (interfaces inside the stage work as in the in-process run);
 3. ask the boundary synthesizer for ``delta_hat = M(h_out, c)`` and backpropagate it at once:
    the stage updates without waiting for anything above it;
@@ -77,7 +79,7 @@ from sgrun.metrics import Writer
 log = logging.getLogger("sgrun")
 
 RESULT = "pipeline_result.pt"
-_TAG_ACT, _TAG_LABEL, _TAG_GRAD = 1, 2, 3
+_TAG_ACT, _TAG_GRAD = 1, 3
 
 
 # --------------------------------------------------------------------------- the split
@@ -250,7 +252,8 @@ class Stage:
         self.pending_in: deque = deque()  # (step, h_hat graph, snapshot params) waiting for the real h
         self.sends: deque = deque()    # outstanding isend works (and the tensors they read)
         self.target_recv = None        # (work, buffer) of the next target from above
-        self.input_recv = None         # (work, buffer) of the next real activation from below
+        self.input_recv = None         # (work, buffer) of the next real activation from below (I's target)
+        self.act_recv = None           # (work, buffer) of the next input from below (no synthetic inputs)
         self.step = 0
         # statistics since the last report
         self.stale: list[int] = []
@@ -300,8 +303,13 @@ class Stage:
             self.pending_in.append((self.step, h_hat, snapshot))
             x = h_hat.detach().requires_grad_(True)
         else:
-            x = self._recv((self.batch, *self.in_shape), torch.float32, self.rank - 1, _TAG_ACT)
-            y = self._recv((self.batch,), torch.int64, self.rank - 1, _TAG_LABEL)
+            y = self.sampler.next_labels()  # the same batch as stage 0's: no label message
+            if self.act_recv is None:
+                self.act_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT)
+            work, x = self.act_recv
+            work.wait()
+            # post the next receive at once, so the next activation arrives while this step computes
+            self.act_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT) if self.step < self.steps else None
             x.requires_grad_(True)
         if self.first:
             data = x
@@ -315,8 +323,6 @@ class Stage:
             self.losses.append(float(loss.detach()))
         else:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
-            if not self.unlocked:  # the stage above samples the same batches itself
-                self._send(y, self.rank + 1, _TAG_LABEL)
             if self.locked:  # wait for the true gradient from above
                 if self.boundary is not None:  # train_only: the synthesizer learns from it too
                     self.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx))))
@@ -440,9 +446,9 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     model.to(device).train()
     full_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
     steps, lr, eval_every = budget(cfg)
-    # with synthetic inputs every stage draws the same batches itself (same seed): the data is not waited for
-    own_data = rank == 0 or (model.unlocked and not split.locked)
-    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device) if own_data else None
+    # every stage draws the same batches itself (same seed): stages above the first take their labels
+    # from it (no label messages), and with synthetic inputs their data too (nothing below is waited for)
+    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
     stage = Stage(cfg, rank, split, model, steps, lr, device, sampler)
 
     timeout = datetime.timedelta(seconds=float(cfg.runtime.timeout))

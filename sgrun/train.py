@@ -189,11 +189,19 @@ class BatchSampler:
         self.pos = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self._next_index()
+        return self.x[idx], self.y[idx]
+
+    def next_labels(self) -> torch.Tensor:
+        """The labels of the batch :meth:`next` would give, without gathering its inputs."""
+        return self.y[self._next_index()]
+
+    def _next_index(self) -> torch.Tensor:
         if self.pos + self.batch_size > len(self.order):
             self.order, self.pos = torch.randperm(len(self.x), generator=self.gen), 0
         idx = self.order[self.pos:self.pos + self.batch_size].to(self.x.device)
         self.pos += self.batch_size
-        return self.x[idx], self.y[idx]
+        return idx
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state(), "order": self.order, "pos": self.pos}

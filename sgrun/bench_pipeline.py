@@ -11,10 +11,10 @@ runs and trains the synthesizers (``dni.mode=train_only``), i.e. the compute of 
 as the only difference.
 
 Printed per run: training samples per second (evaluation time left out), its ratio to (b), the test
-error after all samples, and the test error at a fixed wall-clock budget (the training time of the
-fastest run: the last evaluation each run had made by then).  The in-process runs use all cores in
-one process; a pipeline gives each of its ``S`` processes cores / S threads.  S = 4 runs only where
-there are at least 4 cores.
+error after all samples, and the test error at a fixed wall-clock budget (the training time at
+which the slowest run made its first evaluation, so that every run has a number: the last evaluation
+each run had made by then).  The in-process runs use all cores in one process; a pipeline gives
+each of its ``S`` processes cores / S threads.  S = 4 runs only where there are at least 4 cores.
 
 Run: ``python -m sgrun.bench_pipeline [--models fcn,cnn] [--dni every_layer,cdni] [--fcn-steps N]
 [--cnn-steps N] [--stages 2,4] [--synthesizer-layers N]``; ``--synthesizer-layers 0`` gives linear synthesizers (FCN), far cheaper
@@ -85,7 +85,7 @@ def bench_model(name: str, steps: int, batch: int, stages: int, max_inflight: in
         results[label] = run_one([*common, *extra], root / f"{name}-{dni}-{stages}-{len(results)}", env)
     row = {label.split()[0]: m for label, m in results.items()}  # "(a)" .. "(d)"
     base = row["(b)"]["samples_per_sec"]
-    budget = min(m["seconds"][-1] for m in results.values())
+    budget = max(m["seconds"][0] for m in results.values())  # by then every run has been evaluated
     synth = "the preset's synthesizers" if synth_layers is None else f"synthesizers with {synth_layers} hidden layers"
     print(f"\n{name.upper()} {METHODS[dni]}, batch {batch}, {steps} steps ({steps * batch} samples), S = {stages}, "
           f"max_inflight = {max_inflight}, {synth}, budget {budget:.0f} s")

@@ -30,6 +30,11 @@ a snapshot of ``I``'s weights, like the synthesizer's), at most ``max_inflight``
 gradient w.r.t. ``h_hat`` goes back to stage ``s`` as its synthesizer's target, as in
 :mod:`sgrun.dni.forward`.
 
+Stochastic updates (``train.update_prob`` < 1, sec. 3.3): every stage draws every layer group's
+coin from the in-process run's generator and drops the gradients of its own skipped groups; a
+boundary synthesizer or input model whose group was skipped at the step of its prediction is left
+alone when that prediction's target arrives.
+
 The last stage computes the loss and its ordinary backward.  With ``dni=none`` the same split is
 trained by plain backprop across the processes (the locked baseline): a stage sends ``h_out`` and
 waits for its gradient before it updates.  With ``dni.mode=train_only`` it is locked the same way
@@ -227,6 +232,7 @@ class Stage:
         self.rank, self.split, self.device, self.steps = rank, split, device, steps
         self.first, self.last = rank == 0, rank == split.stages - 1
         lo, hi = split.ranges[rank]
+        self.lo, self.hi = lo, hi
         self.net = StageNet(model, lo, hi, self.last)
         self.in_shape = tuple(model.in_shape) if self.first else tuple(model.cut_shapes[model.cut_names[lo - 1]])
         self.out_shape = None if self.last else tuple(model.cut_shapes[split.boundaries[rank]])
@@ -242,6 +248,11 @@ class Stage:
         self.batch = int(cfg.train.batch_size) if sampler is None else sampler.batch_size
         self.sampler = sampler
         self.max_inflight = int(cfg.runtime.max_inflight)
+        # stochastic updates (sec. 3.3): every stage draws every layer group's coin from the same
+        # generator as the in-process run, and applies the coins of its own groups
+        self.update_prob = float(cfg.train.update_prob)
+        self.update_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        self.groups = len(model.blocks) + 1  # each block with the interface above it, then the head
         # the stage's own parameters: Adam as in the in-process run (synthesizers in their own group)
         self.opt, self.sched = build_optimizer(cfg, self.net, steps, lr)
         if self.boundary is not None:
@@ -295,12 +306,13 @@ class Stage:
     def train_step(self) -> None:
         self.step += 1
         data = None
+        upd = self.draw_updates()
         if self.first:
             x, y = self.sampler.next()
         elif self.unlocked:  # nothing from below is waited for: the input is I(data)
             data, y = self.sampler.next()
             h_hat, snapshot = self.predict(self.below.input_model, (data,))
-            self.pending_in.append((self.step, h_hat, snapshot))
+            self.pending_in.append((self.step, h_hat, snapshot, upd[self.lo - 1]))
             x = h_hat.detach().requires_grad_(True)
         else:
             y = self.sampler.next_labels()  # the same batch as stage 0's: no label message
@@ -325,7 +337,8 @@ class Stage:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
             if self.locked:  # wait for the true gradient from above
                 if self.boundary is not None:  # train_only: the synthesizer learns from it too
-                    self.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx))))
+                    self.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx)),
+                                         upd[self.hi - 1]))
                 grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
                 out.backward(grad)
                 if self.boundary is not None:
@@ -334,13 +347,33 @@ class Stage:
                 # the synthetic gradient now, and the update with it: nothing above is waited for
                 delta_hat, snapshot = self.predict(self.boundary.synthesizer, (out, ctx))
                 out.backward(delta_hat.detach() * (self.boundary.scale / n))
-                self.pending.append((self.step, delta_hat, snapshot))
+                self.pending.append((self.step, delta_hat, snapshot, upd[self.hi - 1]))
         if not self.first:
             self._send(x.grad, self.rank - 1, _TAG_GRAD)
+        self.skip_updates(upd)
         self.opt.step()
         self.sched.step()
         if not self.locked:
             self.take_targets()
+
+    def draw_updates(self) -> list[bool]:
+        """Which layer groups update this step (all, without a draw, when ``update_prob`` is 1)."""
+        if self.update_prob >= 1.0:
+            return [True] * self.groups
+        return [bool(torch.rand((), generator=self.update_gen) < self.update_prob) for _ in range(self.groups)]
+
+    def skip_updates(self, upd: list[bool]) -> None:
+        """Drop the gradients of this stage's groups that do not update this step (as
+        :func:`sgrun.train.skip_updates` does in process); the boundary's synthesizer and the input
+        model below follow their groups' coins when their targets arrive."""
+        skipped = [self.net.blocks[k - self.lo] for k in range(self.lo, self.hi) if not upd[k]]
+        skipped += [self.net.interfaces[self.net.names[k - self.lo]] for k in range(self.lo, self.hi)
+                    if not upd[k] and self.net.names[k - self.lo] in self.net.interfaces]
+        if self.net.head is not None and not upd[-1]:
+            skipped.append(self.net.head)
+        for module in skipped:
+            for p in module.parameters():
+                p.grad = None
 
     @staticmethod
     def predict(synth: nn.Module, args: tuple) -> tuple[torch.Tensor, dict]:
@@ -373,34 +406,41 @@ class Stage:
             self.train_input_model(buf)
 
     def train_synthesizer(self, grad: torch.Tensor) -> None:
-        step, delta_hat, snapshot = self.pending.popleft()
+        """Regress ``M``'s prediction of an earlier batch on the gradient that came back for it."""
+        step, delta_hat, snapshot, update = self.pending.popleft()
         n = grad.shape[0]
         diff = delta_hat.detach() - grad * n  # the per-example target, as in sgrun.dni.interface
         self.sg_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))
-        names = list(snapshot)
-        grads = torch.autograd.grad(delta_hat, [snapshot[k] for k in names], diff * (2.0 / n))
-        params = dict(self.boundary.synthesizer.named_parameters())
-        for k, g in zip(names, grads):
-            params[k].grad = g
-        self.synth_opt.step()
-        self.synth_sched.step()
+        self._late_step(self.boundary.synthesizer, self.synth_opt, self.synth_sched, delta_hat, snapshot,
+                        diff * (2.0 / n), update)
         self.stale.append(self.step - step)
 
     def train_input_model(self, h: torch.Tensor) -> None:
         """Regress ``I``'s prediction of an earlier batch on the real activation that produced it
         below: the gradient of ``mean_i ||h_hat_i - h_i||^2``, as in :mod:`sgrun.dni.forward`."""
-        step, h_hat, snapshot = self.pending_in.popleft()
+        step, h_hat, snapshot, update = self.pending_in.popleft()
         n = h.shape[0]
         diff = h_hat.detach() - h
         self.in_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))
-        names = list(snapshot)
-        grads = torch.autograd.grad(h_hat, [snapshot[k] for k in names], diff * (2.0 / n))
-        params = dict(self.below.input_model.named_parameters())
-        for k, g in zip(names, grads):
-            params[k].grad = g
-        self.input_opt.step()
-        self.input_sched.step()
+        self._late_step(self.below.input_model, self.input_opt, self.input_sched, h_hat, snapshot,
+                        diff * (2.0 / n), update)
         self.in_stale.append(self.step - step)
+
+    @staticmethod
+    def _late_step(module: nn.Module, opt, sched, pred: torch.Tensor, snapshot: dict, grad_pred: torch.Tensor,
+                   update: bool) -> None:
+        """One optimizer step of ``module`` with the gradient its prediction had on the snapshot; a
+        skipped update (stochastic updates) leaves it and its Adam moments alone, as in process."""
+        params = dict(module.named_parameters())
+        if update:
+            grads = torch.autograd.grad(pred, [snapshot[k] for k in snapshot], grad_pred)
+            for k, g in zip(snapshot, grads):
+                params[k].grad = g
+        else:
+            for p in params.values():
+                p.grad = None
+        opt.step()
+        sched.step()
 
     def state(self, full_names: dict[int, str]) -> dict:
         """This stage's weights under the full model's names."""
@@ -571,9 +611,6 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     if cfg.model.family != "feedforward":
         raise ConfigError(f"runtime=pipeline runs feed-forward models (model=fcn|cnn), not model={cfg.model.name}: "
                           "use runtime=inprocess")
-    if float(cfg.train.update_prob) < 1.0:
-        raise ConfigError("runtime=pipeline updates every stage at every step: set train.update_prob=1.0 or "
-                          "runtime=inprocess")
     if cfg.dni.mode == "off" and cfg.dni.cuts:
         raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked pipeline, or "
                           "dni.mode=synthetic")

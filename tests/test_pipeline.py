@@ -261,3 +261,13 @@ def test_torchrun_launch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     _, w_in = trained(tmp_path, "in", "dni=every_layer", "model.layers=4", env=ONE_THREAD)
     assert_same_weights(w_in, torch.load(folder / "model.pt"))
+
+
+def test_label_only_draws_follow_the_same_batches():
+    # stages above the first take their labels from their own sampler instead of a message
+    from sgrun.train import BatchSampler
+    x, y = torch.randn(50, 3), torch.arange(50)
+    full, labels = (BatchSampler(x, y, 16, seed=3, device=torch.device("cpu")) for _ in range(2))
+    for _ in range(7):  # past an epoch boundary (a fresh permutation)
+        xb, yb = full.next()
+        assert torch.equal(labels.next_labels(), yb) and torch.equal(xb, x[yb])

@@ -17,8 +17,8 @@ each run had made by then).  The in-process runs use all cores in one process; a
 each of its ``S`` processes cores / S threads.  S = 4 runs only where there are at least 4 cores.
 
 Run: ``python -m sgrun.bench_pipeline [--models fcn,cnn] [--dni every_layer,cdni] [--fcn-steps N]
-[--cnn-steps N] [--stages 2,4] [--synthesizer-layers N]``; ``--synthesizer-layers 0`` gives linear synthesizers (FCN), far cheaper
-than the paper's two hidden layers of 1024.
+[--cnn-steps N] [--stages 2,4] [--synthesizer-layers N]``; ``--synthesizer-layers 0`` gives linear
+synthesizers (FCN), far cheaper than the paper's two hidden layers of 1024.
 """
 
 from __future__ import annotations

@@ -63,6 +63,17 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module, steps: int, lr: flo
     synth_params = [p for p in model.parameters() if id(p) in synth]
     if synth_params:
         groups.append({"params": synth_params, "lr": lr * float(cfg.dni.get("lr_factor", 1.0))})
+    return _adam_with_decay(cfg, groups, steps)
+
+
+def build_synthesizer_optimizer(cfg: DictConfig, synthesizer: torch.nn.Module, steps: int, lr: float):
+    """Adam and step decay for a synthesizer (or input model) trained on its own, as the one of a
+    pipeline stage's boundary: the synthesizer learning rate of :func:`build_optimizer`."""
+    params = [{"params": list(synthesizer.parameters()), "lr": lr * float(cfg.dni.get("lr_factor", 1.0))}]
+    return _adam_with_decay(cfg, params, steps)
+
+
+def _adam_with_decay(cfg: DictConfig, groups: list[dict], steps: int):
     opt = torch.optim.Adam(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     milestones = sorted({max(1, int(round(f * steps))) for f in cfg.optim.decay_at})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.optim.gamma)

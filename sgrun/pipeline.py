@@ -75,7 +75,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call
 
-from sgrun.build import build_model, build_optimizer, device_of, placement_of
+from sgrun.build import build_model, build_optimizer, build_synthesizer_optimizer, device_of, placement_of
 from sgrun.checkpoint import Interrupted
 from sgrun.data.images import load_images
 from sgrun.errors import ConfigError, SgrunError
@@ -224,11 +224,41 @@ class StageNet(nn.Module):
         return self.head(h) if self.head is not None else h
 
 
+def irecv(shape: tuple[int, ...], src: int, tag: int, device: torch.device) -> tuple:
+    """A posted receive of a float tensor: ``(work, buffer)``."""
+    buf = torch.empty(shape, device=device)
+    return dist.irecv(buf, src, tag=tag), buf
+
+
+class Inbox:
+    """Predictions of one synthesizer waiting for their targets from one neighbour (however late),
+    and the receive posted for the next target."""
+
+    def __init__(self, shape: tuple[int, ...], src: int, tag: int, batch: int, device: torch.device) -> None:
+        self.shape, self.src, self.tag, self.batch, self.device = shape, src, tag, batch, device
+        self.pending: deque = deque()  # (step, prediction graph, snapshot params, update coin)
+        self.recv = None               # (work, buffer) of the next target
+
+    def take(self, wait: bool):
+        """The oldest waiting prediction and its target if that has arrived (with ``wait``: once it
+        has); ``None`` when nothing waits or the target is not there yet."""
+        if not self.pending:
+            return None
+        if self.recv is None:
+            self.recv = irecv((self.batch, *self.shape), self.src, self.tag, self.device)
+        work, buf = self.recv
+        if not (wait or work.is_completed()):
+            return None
+        work.wait()
+        self.recv = None
+        return self.pending.popleft(), buf
+
+
 class Stage:
     """The training loop of one stage (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig, rank: int, split: Split, model: nn.Module, steps: int, lr: float,
-                 device: torch.device, sampler=None) -> None:
+                 device: torch.device, sampler) -> None:
         self.rank, self.split, self.device, self.steps = rank, split, device, steps
         self.first, self.last = rank == 0, rank == split.stages - 1
         lo, hi = split.ranges[rank]
@@ -245,7 +275,7 @@ class Stage:
         self.below = model.interfaces[split.boundaries[rank - 1]] if self.unlocked and not self.first else None
         self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
         self.num_classes = model.num_classes
-        self.batch = int(cfg.train.batch_size) if sampler is None else sampler.batch_size
+        self.batch = sampler.batch_size
         self.sampler = sampler
         self.max_inflight = int(cfg.runtime.max_inflight)
         # stochastic updates (sec. 3.3): every stage draws every layer group's coin from the same
@@ -255,15 +285,15 @@ class Stage:
         self.groups = len(model.blocks) + 1  # each block with the interface above it, then the head
         # the stage's own parameters: Adam as in the in-process run (synthesizers in their own group)
         self.opt, self.sched = build_optimizer(cfg, self.net, steps, lr)
+        # the boundary's M waits for gradients from above; I of the cut below for activations from below
+        self.up = self.down = None
         if self.boundary is not None:
-            self.synth_opt, self.synth_sched = self._own_adam(cfg, self.boundary.synthesizer, steps, lr)
+            self.synth_opt, self.synth_sched = build_synthesizer_optimizer(cfg, self.boundary.synthesizer, steps, lr)
+            self.up = Inbox(self.out_shape, rank + 1, _TAG_GRAD, self.batch, device)
         if self.below is not None:
-            self.input_opt, self.input_sched = self._own_adam(cfg, self.below.input_model, steps, lr)
-        self.pending: deque = deque()  # (step, delta_hat graph, snapshot params) waiting for their target
-        self.pending_in: deque = deque()  # (step, h_hat graph, snapshot params) waiting for the real h
+            self.input_opt, self.input_sched = build_synthesizer_optimizer(cfg, self.below.input_model, steps, lr)
+            self.down = Inbox(self.in_shape, rank - 1, _TAG_ACT, self.batch, device)
         self.sends: deque = deque()    # outstanding isend works (and the tensors they read)
-        self.target_recv = None        # (work, buffer) of the next target from above
-        self.input_recv = None         # (work, buffer) of the next real activation from below (I's target)
         self.act_recv = None           # (work, buffer) of the next input from below (no synthetic inputs)
         self.step = 0
         # statistics since the last report
@@ -272,15 +302,6 @@ class Stage:
         self.in_stale: list[int] = []
         self.in_losses: list[float] = []
         self.losses: list[float] = []
-
-    @staticmethod
-    def _own_adam(cfg: DictConfig, module: nn.Module, steps: int, lr: float):
-        """Adam and step decay for a synthesizer trained apart from its stage, as the in-process run
-        trains it in its synthesizer group."""
-        opt = torch.optim.Adam(module.parameters(), lr=lr * float(cfg.dni.get("lr_factor", 1.0)),
-                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        milestones = sorted({max(1, int(round(f * steps))) for f in cfg.optim.decay_at})
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.optim.gamma)
 
     # -- messages
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -294,10 +315,6 @@ class Stage:
         dist.recv(buf, src, tag=tag)
         return buf
 
-    def _post_recv(self, shape, src: int, tag: int):
-        buf = torch.empty((self.batch, *shape), device=self.device)
-        return dist.irecv(buf, src, tag=tag), buf
-
     def flush(self) -> None:
         while self.sends:
             self.sends.popleft()[0].wait()
@@ -309,22 +326,20 @@ class Stage:
         upd = self.draw_updates()
         if self.first:
             x, y = self.sampler.next()
+            data = x
         elif self.unlocked:  # nothing from below is waited for: the input is I(data)
             data, y = self.sampler.next()
             h_hat, snapshot = self.predict(self.below.input_model, (data,))
-            self.pending_in.append((self.step, h_hat, snapshot, upd[self.lo - 1]))
+            self.down.pending.append((self.step, h_hat, snapshot, upd[self.lo - 1]))
             x = h_hat.detach().requires_grad_(True)
         else:
             y = self.sampler.next_labels()  # the same batch as stage 0's: no label message
-            if self.act_recv is None:
-                self.act_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT)
-            work, x = self.act_recv
+            shape = (self.batch, *self.in_shape)
+            work, x = self.act_recv or irecv(shape, self.rank - 1, _TAG_ACT, self.device)
             work.wait()
             # post the next receive at once, so the next activation arrives while this step computes
-            self.act_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT) if self.step < self.steps else None
+            self.act_recv = irecv(shape, self.rank - 1, _TAG_ACT, self.device) if self.step < self.steps else None
             x.requires_grad_(True)
-        if self.first:
-            data = x
         n = y.shape[0]
         ctx = nn.functional.one_hot(y, self.num_classes).float() if self.conditioned else None
         self.opt.zero_grad(set_to_none=True)
@@ -337,17 +352,17 @@ class Stage:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
             if self.locked:  # wait for the true gradient from above
                 if self.boundary is not None:  # train_only: the synthesizer learns from it too
-                    self.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx)),
-                                         upd[self.hi - 1]))
+                    self.up.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx)),
+                                            upd[self.hi - 1]))
                 grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
                 out.backward(grad)
                 if self.boundary is not None:
-                    self.train_synthesizer(grad)
+                    self.train_synthesizer(self.up.pending.popleft(), grad)
             else:
                 # the synthetic gradient now, and the update with it: nothing above is waited for
                 delta_hat, snapshot = self.predict(self.boundary.synthesizer, (out, ctx))
                 out.backward(delta_hat.detach() * (self.boundary.scale / n))
-                self.pending.append((self.step, delta_hat, snapshot, upd[self.hi - 1]))
+                self.up.pending.append((self.step, delta_hat, snapshot, upd[self.hi - 1]))
         if not self.first:
             self._send(x.grad, self.rank - 1, _TAG_GRAD)
         self.skip_updates(upd)
@@ -366,6 +381,8 @@ class Stage:
         """Drop the gradients of this stage's groups that do not update this step (as
         :func:`sgrun.train.skip_updates` does in process); the boundary's synthesizer and the input
         model below follow their groups' coins when their targets arrive."""
+        if self.update_prob >= 1.0:
+            return
         skipped = [self.net.blocks[k - self.lo] for k in range(self.lo, self.hi) if not upd[k]]
         skipped += [self.net.interfaces[self.net.names[k - self.lo]] for k in range(self.lo, self.hi)
                     if not upd[k] and self.net.names[k - self.lo] in self.net.interfaces]
@@ -386,28 +403,13 @@ class Stage:
         """Train the synthesizers on the targets that have come back: gradients from above for the
         boundary's ``M``, real activations from below for ``I`` of the cut below.  Wait while
         ``max_inflight`` batches wait for theirs (with ``drain``: until none waits)."""
-        while self.pending:
-            if self.target_recv is None:
-                self.target_recv = self._post_recv(self.out_shape, self.rank + 1, _TAG_GRAD)
-            work, buf = self.target_recv
-            if not (drain or len(self.pending) >= self.max_inflight or work.is_completed()):
-                break
-            work.wait()
-            self.target_recv = None
-            self.train_synthesizer(buf)
-        while self.pending_in:
-            if self.input_recv is None:
-                self.input_recv = self._post_recv(self.in_shape, self.rank - 1, _TAG_ACT)
-            work, buf = self.input_recv
-            if not (drain or len(self.pending_in) >= self.max_inflight or work.is_completed()):
-                break
-            work.wait()
-            self.input_recv = None
-            self.train_input_model(buf)
+        for inbox, train in ((self.up, self.train_synthesizer), (self.down, self.train_input_model)):
+            while inbox is not None and (got := inbox.take(drain or len(inbox.pending) >= self.max_inflight)):
+                train(*got)
 
-    def train_synthesizer(self, grad: torch.Tensor) -> None:
+    def train_synthesizer(self, waiting: tuple, grad: torch.Tensor) -> None:
         """Regress ``M``'s prediction of an earlier batch on the gradient that came back for it."""
-        step, delta_hat, snapshot, update = self.pending.popleft()
+        step, delta_hat, snapshot, update = waiting
         n = grad.shape[0]
         diff = delta_hat.detach() - grad * n  # the per-example target, as in sgrun.dni.interface
         self.sg_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))
@@ -415,10 +417,10 @@ class Stage:
                         diff * (2.0 / n), update)
         self.stale.append(self.step - step)
 
-    def train_input_model(self, h: torch.Tensor) -> None:
+    def train_input_model(self, waiting: tuple, h: torch.Tensor) -> None:
         """Regress ``I``'s prediction of an earlier batch on the real activation that produced it
         below: the gradient of ``mean_i ||h_hat_i - h_i||^2``, as in :mod:`sgrun.dni.forward`."""
-        step, h_hat, snapshot, update = self.pending_in.popleft()
+        step, h_hat, snapshot, update = waiting
         n = h.shape[0]
         diff = h_hat.detach() - h
         self.in_losses.append(float(diff.pow(2).flatten(1).sum(1).mean()))

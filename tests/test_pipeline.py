@@ -115,8 +115,7 @@ def test_complete_unlock_cdni_three_stages_without_overlap_equal_in_process(tmp_
 
 
 def test_complete_unlock_overlap_bounds_both_stalenesses(tmp_path):
-    _, w_in = trained(tmp_path, "in", "dni=complete_unlock", env=ONE_THREAD)
-    m, w = trained(tmp_path, "pipe", "dni=complete_unlock", *PIPE, "runtime.max_inflight=3", "train.steps=30",
+    m, _ = trained(tmp_path, "pipe", "dni=complete_unlock", *PIPE, "runtime.max_inflight=3", "train.steps=30",
                    "train.eval_every=10")
     stale = m["staleness"]["h1"]
     assert 0 <= stale["mean"] <= stale["max"] <= 2 and 0 <= stale["input_mean"] <= stale["input_max"] <= 2

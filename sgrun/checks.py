@@ -6,6 +6,7 @@ ranges), before anything is built or written.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 
@@ -39,14 +40,13 @@ RULES: list[Rule] = [
     ("train.eval_every", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.eval_every=1000"),
     ("checkpoint.every", _is_int, "an integer", lambda v: v >= 0, ">= 0", "checkpoint.every=1000"),
     ("train.update_prob", _is_num, "a number", lambda v: 0 <= v <= 1, "in [0, 1]", "train.update_prob=1.0"),
-    ("optim.lr", _is_num, "a number", lambda v: v > 0, "> 0", "optim.lr=3e-5"),
+    ("optim.lr", _is_num, "a number", lambda v: 0 < v < math.inf, "> 0 and finite", "optim.lr=3e-5"),
     ("optim.gamma", _is_num, "a number", lambda v: 0 < v <= 1, "in (0, 1]", "optim.gamma=0.1"),
-    ("profile.step_fraction", _is_num, "a number", lambda v: 0 < v <= 1, "in (0, 1]", "profile=cpu"),
-    ("profile.lr_factor", _is_num, "a number", lambda v: v > 0, "> 0", "profile=cpu"),
+    ("data.test_limit", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.test_limit=1000 (or null: all)"),
     ("model.layers", _is_int, "an integer", lambda v: v >= 2, ">= 2", "model.layers=3"),
     ("model.hidden", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.hidden=256"),
     ("model.channels", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.channels=64"),
-    ("dni.scale", _is_num, "a number", lambda v: v >= 0, ">= 0", "dni.scale=1.0"),
+    ("dni.scale", _is_num, "a number", lambda v: 0 <= v < math.inf, ">= 0 and finite", "dni.scale=1.0"),
     ("dni.lr_factor", _is_num, "a number", lambda v: v > 0, "> 0", "dni.lr_factor=1.0"),
     ("dni.synthesizer.hidden", _is_int, "an integer", lambda v: v >= 1, ">= 1", "dni.synthesizer.hidden=1024"),
     ("dni.synthesizer.layers", _is_int, "an integer", lambda v: v >= 0, ">= 0", "dni.synthesizer.layers=2"),
@@ -63,7 +63,7 @@ RULES += [
     ("data.eval_block", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.eval_block=100"),
     ("train.sg_horizon", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.sg_horizon=40"),
     ("train.patience", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.patience=5 (or null: never stop early)"),
-    ("train.threads", _is_int, "an integer", lambda v: v >= 1, ">= 1", "train.threads=1 (or null: torch's default)"),
+    ("data.eval_chars", _is_int, "an integer", lambda v: v >= 2, ">= 2", "data.eval_chars=100000 (or null: all)"),
 ]
 
 
@@ -77,6 +77,10 @@ def check_config(cfg: DictConfig, extra: list[Rule] | None = None) -> None:
             raise ConfigError(f"{key} must be {type_name} (got {value!r}): set e.g. {fix}")
         if not in_range(value):
             raise ConfigError(f"{key} must be {range_text} (got {value!r}): set e.g. {fix}")
+    threads = _get(cfg, "runtime.threads")
+    if threads not in (_MISSING, None, "auto") and not (_is_int(threads) and threads >= 1):
+        raise ConfigError(f"runtime.threads must be an integer >= 1 (got {threads!r}): set e.g. runtime.threads=1 "
+                          "(or null: torch's default)")
     device = _get(cfg, "device")
     if device not in (_MISSING, "auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise ConfigError(f"device must be auto, cpu or cuda (got {device!r}): set device=auto")

@@ -24,10 +24,21 @@ from omegaconf.errors import OmegaConfBaseException
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
-# absolute, so that the installed command finds the configs from any folder
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def conf_dir() -> str:
+    """The configs: ``sgrun/conf`` inside an installed wheel (the top-level ``conf/`` is mapped there
+    by pyproject.toml), the top-level ``conf/`` of a source checkout or an editable install; absolute,
+    so that the command finds them from any folder."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit("sgrun: error: the configs (conf/config.yaml) are missing from this installation: reinstall sgrun")
+
+
+CONF_DIR = conf_dir()
 FAILED = "FAILED"
-PRIMARY_METRIC = {"feedforward": "test_error", "rnn": "primary", "hrnn": "primary"}
 
 log = logging.getLogger("sgrun")
 _failures: list[str] = []
@@ -43,9 +54,14 @@ class ReportFailures(Callback):
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
-    from sgrun.train import run  # torch imports after Hydra has parsed the command line
+    from sgrun.tasks import TASKS  # torch imports after Hydra has parsed the command line
+    from sgrun.train import run
 
     hc = HydraConfig.get()
+    added = [o.split("=", 1)[0] for o in hc.overrides.task if o.startswith("+") and not o.startswith("++")]
+    if added:
+        fail(f"sgrun reads no key {added[0][1:]!r} (a '+' adds a key that no part of sgrun uses): drop the '+' to "
+             "set an existing key; list the valid keys with: sgrun --cfg job")
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     (out_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
@@ -69,10 +85,10 @@ def _main(cfg: DictConfig) -> float | None:
     if "rank" in metrics:  # a pipeline stage started by torchrun, other than rank 0
         print(f"sgrun: pipeline stage {metrics['rank']} finished; rank 0 writes the results")
         return None
-    value = metrics.get(PRIMARY_METRIC.get(cfg.model.family, "test_error"))
-    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "minutes"}
-    print(f"sgrun: {cfg.get('name') or 'run'} finished in {metrics['minutes']:.1f} min: "
-          + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    task = TASKS.get(cfg.model.family)
+    value = metrics.get(task.primary if task else "test_error")
+    what = cfg.get("name") or f"model={cfg.model.name} data={cfg.data.name} dni={cfg.dni.name}"
+    print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: {task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
     return value
 

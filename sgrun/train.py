@@ -1,13 +1,20 @@
-"""``run(cfg, out_dir) -> metrics``: the training loops, readable top to bottom.
+"""``run(cfg, out_dir) -> metrics`` and the one training loop, :func:`fit`, that every task goes through.
 
-``run`` checks the config, refuses to write over a finished run, dispatches on the model family
-(``feedforward`` here; the recurrent loops live in :mod:`sgrun.train_rnn`) and writes
-``summary.json`` (final metrics + resolved config) next to the TensorBoard events.
+``run`` checks the config, refuses to write over a finished run, resumes an interrupted one, builds
+the task of the model family (:mod:`sgrun.tasks`) and writes ``summary.json`` (final metrics +
+resolved config) and ``model.pt`` next to the TensorBoard events.  ``fit`` owns what is the same for
+every task: the optimizers and their schedule, stochastic layer updates, the progress bar, the
+log / eval / checkpoint cadence, the divergence guard and the final metrics.  One step, top to bottom:
+
+    batch = task.next_batch()
+    opt.zero_grad(); values = task.train_step(batch)    # forward + one backward
+    skip_updates(...)                                   # train.update_prob < 1 (sec. 3.3)
+    opt.step(); sched.step()
 """
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import logging
 import time
@@ -18,29 +25,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sgrun.build import build_model, build_optimizer, device_of, placement_of
+from sgrun.build import build_optimizer, device_of
 from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
-from sgrun.data.images import load_images
-from sgrun.dni import gradient_quality, interfaces_of
-from sgrun.errors import SgrunError
+from sgrun.errors import ConfigError, SgrunError
+from sgrun.guard import check_finite
 from sgrun.metrics import NullWriter, Writer, write_json_atomic
+from sgrun.tasks import TASKS, Task
 
 log = logging.getLogger("sgrun")
 
 SUMMARY = "summary.json"
-
-
-def budget(cfg: DictConfig) -> tuple[int, float, int]:
-    """Steps, learning rate and evaluation interval: the preset's values rescaled by the profile
-    (a shorter run is evaluated as many times as the full one)."""
-    p = cfg.profile
-    steps = max(1, int(round(cfg.train.steps * p.step_fraction)))
-    eval_every = max(1, int(round(cfg.train.eval_every * p.step_fraction)))
-    if p.get("max_steps"):
-        steps = min(steps, int(p.max_steps))
-    return steps, float(cfg.optim.lr) * float(p.lr_factor), eval_every
 
 
 @dataclass
@@ -64,6 +61,23 @@ class Session:
             "config": self.config, "rng": rng_state(), "minutes": self.minutes(), "loop": loop_state()})
 
 
+def task_class(cfg: DictConfig) -> type[Task]:
+    """The task of the model family; refuses a runtime or a feature the task cannot honour."""
+    family = cfg.model.family
+    if family not in TASKS:
+        raise ConfigError(f"model.family must be one of {', '.join(TASKS)} (got {family!r}): choose "
+                          "model=fcn|cnn|rnn|hrnn")
+    runtime = cfg.runtime.name
+    if runtime not in ("inprocess", "pipeline"):
+        raise ConfigError(f"runtime must be inprocess or pipeline (got {runtime!r}): choose runtime=inprocess|pipeline")
+    cls = TASKS[family]
+    if float(cfg.train.update_prob) < 1.0 and not cls.stochastic_updates:
+        raise ConfigError(f"train.update_prob={cfg.train.update_prob} needs layers updated in groups (sec. 3.3), "
+                          f"which model={cfg.model.name} does not have: set train.update_prob=1.0, or use "
+                          "model=fcn|cnn")
+    return cls
+
+
 def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) -> dict:
     """Train what ``cfg`` describes, log under ``out_dir``, and return the final metrics.
 
@@ -71,6 +85,7 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     explicitly); a folder that holds its finished summary returns it without training.
     """
     check_config(cfg)
+    task_cls = task_class(cfg)
     out_dir = Path(cfg.resume) if cfg.get("resume") else Path(out_dir)
     config = identity_of(cfg)
     finished = finished_run(config, out_dir)
@@ -99,8 +114,14 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
-        with ckpt:
-            metrics, model = loop_of(cfg.model.family, cfg.runtime.name)(cfg, session)
+        with ckpt, torch_threads(cfg.runtime):
+            if cfg.runtime.name == "pipeline":
+                from sgrun.pipeline import train_pipeline  # its own processes; imports torch.distributed
+
+                metrics, model = train_pipeline(cfg, session)
+            else:
+                task = task_cls(cfg, device)
+                metrics, model = fit(task, cfg, session)
         if model is None:  # a pipeline stage other than rank 0 under torchrun: rank 0 writes the results
             return metrics
         metrics["minutes"] = session.minutes()
@@ -118,19 +139,129 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     return metrics
 
 
-# model family -> module holding its training loop ``LOOPS[family](cfg, session) -> (metrics, model)``
-LOOP_MODULES = {"feedforward": "sgrun.train", "rnn": "sgrun.train_rnn", "hrnn": "sgrun.train_hrnn"}
+@contextlib.contextmanager
+def torch_threads(runtime: DictConfig):
+    """``runtime.threads`` torch threads for an in-process run (``null``: torch's default); the
+    setting is process-wide, so it is restored afterwards.  A pipeline sets its stages' own."""
+    threads = runtime.get("threads")
+    before = torch.get_num_threads()
+    if runtime.name == "inprocess" and threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def loop_of(family: str, runtime: str = "inprocess"):
-    if runtime == "pipeline":
-        return importlib.import_module("sgrun.pipeline").train_pipeline
-    if runtime != "inprocess":
-        raise SgrunError(f"runtime must be inprocess or pipeline (got {runtime!r}): choose runtime=inprocess|pipeline")
-    if family not in LOOP_MODULES:
-        raise SgrunError(f"model.family must be one of {', '.join(LOOP_MODULES)} (got {family!r}): choose "
-                         "model=fcn|cnn|rnn|hrnn")
-    return importlib.import_module(LOOP_MODULES[family]).LOOPS[family]
+def skip_updates(groups: list[list[nn.Module]], prob: float, gen: torch.Generator) -> int:
+    """Stochastic updates (Jaderberg et al. 2017, sec. 3.3): each layer group, with its synthesizer,
+    is updated only with probability ``prob``; a skipped group's gradients are dropped so that Adam
+    leaves its parameters (and moments) alone this step.  Returns the number of groups skipped."""
+    if prob >= 1.0:
+        return 0  # no random draw: the run stays identical to the ordinary one
+    skipped = 0
+    for group in groups:
+        if torch.rand((), generator=gen) >= prob:
+            skipped += 1
+            for module in group:
+                for p in module.parameters():
+                    p.grad = None
+    return skipped
+
+
+def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]:
+    """Train ``task`` for ``train.steps`` optimizer steps; returns its final metrics and model."""
+    t = cfg.train
+    steps, eval_every, log_every = int(t.steps), int(t.eval_every), int(t.log_every)
+    writer, model = session.writer, task.model
+    task.writer = writer
+    opt, sched = build_optimizer(cfg, *task.parameter_groups(), steps)
+    update_prob = float(t.update_prob)
+    groups = task.layer_groups() if update_prob < 1.0 else []
+    update_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sums: dict[str, torch.Tensor] = {}  # detached step values since the last logging step
+    seconds: list[float] = []  # training seconds at each evaluation (without evaluation time)
+    first, tick_step, skipped, last_ckpt = 1, 0, 0, None
+    if session.resumed is not None:
+        r = session.resumed
+        task.load_state_dict(r["task"])
+        opt.load_state_dict(r["opt"])
+        sched.load_state_dict(r["sched"])
+        update_gen.set_state(r["update_gen"])
+        sums, seconds, skipped = dict(r["sums"]), list(r["seconds"]), r["skipped"]
+        tick_step, first, last_ckpt = r["tick_step"], r["step"] + 1, r["step"]
+    lr = float(cfg.optim.lr)
+    log.info("%s", task.describe())
+    log.info("budget: profile=%s, %d steps, lr %.3g, log every %d, evaluate every %d", cfg.profile.name, steps, lr,
+             log_every, eval_every)
+
+    def loop_state() -> dict:
+        nonlocal last_ckpt
+        check_finite({k: float(v) for k, v in sums.items()}, step, lr, last_ckpt)  # never checkpoint a diverged run
+        last_ckpt = step
+        return {"step": step, "task": task.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "update_gen": update_gen.get_state(), "sums": {k: v.clone() for k, v in sums.items()},
+                "seconds": list(seconds), "skipped": skipped, "tick_step": tick_step}
+
+    seconds_before = seconds[-1] if seconds else 0.0  # training seconds before a resume
+    tick = time.time()
+    loop_start, eval_time = tick - seconds_before, 0.0
+    model.train()
+    step = first - 1
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None, dynamic_ncols=True)
+        for step in range(first, steps + 1):
+            task.step = step
+            logging_step = step % log_every == 0 or step == steps
+            batch = task.next_batch()
+            if logging_step and not task.diagnose_after_step:
+                writer.scalars(task.diagnostics(batch), step)
+            opt.zero_grad(set_to_none=True)
+            values = task.train_step(batch)
+            skipped += skip_updates(groups, update_prob, update_gen)
+            opt.step()
+            sched.step()
+            for tag, value in values.items():
+                sums[tag] = sums[tag] + value if tag in sums else value.clone()
+
+            if logging_step:
+                count = step - tick_step
+                totals = {tag: float(v) for tag, v in sums.items()}
+                check_finite(totals, step, lr, last_ckpt)
+                now = time.time()
+                logged = task.log_values(totals, count)
+                logged[f"perf/{task.unit}_per_sec"] = count * task.units_per_step() / max(now - tick, 1e-9)
+                logged["perf/steps_per_sec"] = count / max(now - tick, 1e-9)
+                logged["optim/lr"] = opt.param_groups[0]["lr"]
+                if update_prob < 1.0:
+                    logged["updates/skipped_groups"] = skipped
+                writer.scalars(logged, step)
+                if task.diagnose_after_step:
+                    writer.scalars(task.diagnostics(batch), step)
+                sums.clear()
+                tick, tick_step = time.time(), step
+                first_tag = next(iter(values), None)
+                shown = {first_tag.split("/")[-1]: f"{logged[first_tag]:.3f}"} if first_tag in logged else {}
+                bar.set_postfix(**shown, **task.progress())
+            if task.evaluates and (step % eval_every == 0 or step == steps):
+                t_eval = time.time()
+                seconds.append(round(t_eval - loop_start - eval_time, 3))
+                writer.scalars(task.evaluate(step), step)
+                eval_time += time.time() - t_eval
+            bar.update(1)
+            session.step_done(step, steps, loop_state)
+            if task.should_stop():
+                break
+        bar.close()
+    metrics = task.final_metrics(step)
+    if seconds:
+        metrics["seconds"] = seconds
+        done = (step - first + 1) * task.units_per_step()
+        metrics[f"{task.unit}_per_sec"] = done / max(seconds[-1] - seconds_before, 1e-9)
+    if update_prob < 1.0:
+        metrics["skipped_groups"] = skipped
+        log.info("stochastic updates: %d of %d layer-group updates skipped", skipped, step * len(groups))
+    return metrics, model
 
 
 # Settings that change how a run is carried out, not what it computes: a run resumed or re-run with
@@ -173,177 +304,6 @@ def choices_of(cfg: DictConfig) -> dict:
 
 def hparams_of(cfg: DictConfig) -> dict:
     h = choices_of(cfg)
-    h.update({"layers": cfg.model.get("layers", 0), "lr": cfg.optim.lr, "steps": budget(cfg)[0],
+    h.update({"layers": cfg.model.get("layers", 0), "lr": cfg.optim.lr, "steps": cfg.train.steps,
               "update_prob": cfg.train.get("update_prob", 1.0)})
     return {k: ("" if v is None else v) for k, v in h.items()}
-
-
-class BatchSampler:
-    """Random mini-batches from in-memory tensors, a fresh permutation each epoch."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device) -> None:
-        self.x, self.y = x.to(device), y.to(device)
-        self.batch_size = min(batch_size, len(x))
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(x), generator=self.gen)
-        self.pos = 0
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._next_index()
-        return self.x[idx], self.y[idx]
-
-    def next_labels(self) -> torch.Tensor:
-        """The labels of the batch :meth:`next` would give, without gathering its inputs."""
-        return self.y[self._next_index()]
-
-    def _next_index(self) -> torch.Tensor:
-        if self.pos + self.batch_size > len(self.order):
-            self.order, self.pos = torch.randperm(len(self.x), generator=self.gen), 0
-        idx = self.order[self.pos:self.pos + self.batch_size].to(self.x.device)
-        self.pos += self.batch_size
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "order": self.order, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
-        self.order, self.pos = state["order"], state["pos"]
-
-
-@torch.no_grad()
-def classification_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int = 2000) -> float:
-    """Classification error in percent, in eval mode (interfaces are the identity there)."""
-    was_training = model.training
-    model.eval()
-    wrong = 0
-    for i in range(0, len(x), batch):
-        logits = model(x[i:i + batch].to(device))
-        wrong += int((logits.argmax(1) != y[i:i + batch].to(device)).sum())
-    model.train(was_training)
-    return 100.0 * wrong / len(x)
-
-
-def skip_updates(groups: list[list[nn.Module]], prob: float, gen: torch.Generator) -> None:
-    """Stochastic updates (Jaderberg et al. 2017, sec. 3.3): each layer group, with its synthesizer,
-    is updated only with probability ``prob``; a skipped group's gradients are dropped so that Adam
-    leaves its parameters (and moments) alone this step."""
-    if prob >= 1.0:
-        return  # no random draw: the run stays identical to the ordinary one
-    for group in groups:
-        if torch.rand((), generator=gen) >= prob:
-            for module in group:
-                for p in module.parameters():
-                    p.grad = None
-
-
-def check_finite(step: int, loss_sum: torch.Tensor, model: nn.Module, lr: float) -> None:
-    """Divergence guard: stop with the step and the interface that went non-finite."""
-    for iface in interfaces_of(model):
-        if iface.record.sg_loss is not None and not torch.isfinite(iface.record.sg_loss):
-            raise SgrunError(f"the synthetic gradient at interface {iface.name} became non-finite by step {step}: "
-                             f"lower optim.lr (now {lr:.2g}) or dni.scale and run again; the last good "
-                             "checkpoint is kept")
-    if not torch.isfinite(loss_sum):
-        raise SgrunError(f"the training loss became non-finite by step {step}: lower optim.lr (now {lr:.2g}) "
-                         "and run again; the last good checkpoint is kept")
-
-
-def train_classifier(cfg: DictConfig, session: Session) -> dict:
-    """MNIST / CIFAR-10 classification with FCNs or CNNs (paper sec. 3.3)."""
-    device, writer = session.device, session.writer
-    data = load_images(cfg.data.name, cfg.data_dir, download=cfg.data.download,
-                       **OmegaConf.to_container(cfg.data.options, resolve=True))
-    test_x, test_y = data.test_x, data.test_y
-    if cfg.profile.get("eval_limit"):
-        test_x, test_y = test_x[:cfg.profile.eval_limit], test_y[:cfg.profile.eval_limit]
-    model = build_model(cfg, in_shape=data.shape, num_classes=data.num_classes,
-                        placement=placement_of(cfg.dni)).to(device)
-    conditioned = bool(cfg.dni.conditioned) and len(model.interfaces) > 0
-    steps, lr, eval_every = budget(cfg)
-    opt, sched = build_optimizer(cfg, model, steps, lr)
-    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
-    update_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    groups = model.layer_groups()
-    t = cfg.train
-    history: list[tuple[int, float]] = []
-    loss_sum = torch.zeros((), device=device)
-    first, tick_step = 1, 0
-
-    def loop_state() -> dict:
-        check_finite(step, loss_sum, model, lr)  # never checkpoint a diverged run
-        return {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "sampler": sampler.state_dict(), "update_gen": update_gen.get_state(), "history": list(history),
-                "loss_sum": loss_sum.clone(), "tick_step": tick_step, "seconds": list(seconds)}
-
-    if session.resumed is not None:
-        r = session.resumed
-        model.load_state_dict(r["model"])
-        opt.load_state_dict(r["opt"])
-        sched.load_state_dict(r["sched"])
-        sampler.load_state_dict(r["sampler"])
-        update_gen.set_state(r["update_gen"])
-        history, tick_step, first = [tuple(h) for h in r["history"]], r["tick_step"], r["step"] + 1
-        loss_sum.copy_(r["loss_sum"])
-    log.info("%s: %d steps, batch %d, lr %.2g, %d interfaces, device %s", data.name, steps, sampler.batch_size, lr,
-             len(model.interfaces), device)
-
-    def loss_on(x, y):
-        ctx = nn.functional.one_hot(y, data.num_classes).float() if conditioned else None
-        return nn.functional.cross_entropy(model(x, ctx), y)
-
-    tick = time.time()
-    eval_time = 0.0  # seconds spent evaluating, left out of the training time and speed
-    seconds = list(session.resumed.get("seconds", [])) if session.resumed is not None else []
-    seconds_before = seconds[-1] if seconds else 0.0  # training seconds before a resume
-    loop_start = tick - seconds_before
-    model.train()
-    bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None, dynamic_ncols=True)
-    for step in range(first, steps + 1):
-        x, y = sampler.next()
-        logging_step = step % t.log_every == 0 or step == steps
-        if logging_step and model.interfaces and t.sg_quality:
-            # SG quality against the true gradient: an extra forward/backward, logging steps only
-            for cut, q in gradient_quality(model, lambda x=x, y=y: loss_on(x, y)).items():
-                writer.scalars({f"dni/{cut}/cosine": q["cosine"], f"dni/{cut}/mse_true": q["mse"]}, step)
-
-        loss = loss_on(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # one backward: model, synthesizers and bootstrapped targets
-        skip_updates(groups, t.update_prob, update_gen)
-        opt.step()
-        sched.step()
-        loss_sum += loss.detach()
-
-        if logging_step:
-            check_finite(step, loss_sum, model, lr)
-            mean_loss = float(loss_sum) / (step - tick_step)
-            now = time.time()
-            writer.scalar("loss/train", mean_loss, step)
-            writer.scalar("perf/steps_per_sec", (step - tick_step) / max(now - tick, 1e-9), step)
-            writer.scalar("optim/lr", opt.param_groups[0]["lr"], step)
-            for iface in interfaces_of(model):
-                if iface.record.sg_loss is not None:
-                    writer.scalar(f"dni/{iface.name}/sg_loss", float(iface.record.sg_loss), step)
-            loss_sum.zero_()
-            tick, tick_step = now, step
-            bar.set_postfix(loss=f"{mean_loss:.3f}")
-        if step % eval_every == 0 or step == steps:
-            t_eval = time.time()
-            seconds.append(round(t_eval - loop_start - eval_time, 3))
-            err = classification_error(model, test_x, test_y, device)
-            writer.scalar("error/test", err, step)
-            history.append((step, err))
-            eval_time += time.time() - t_eval
-            log.info("step %d/%d  test error %.2f%%", step, steps, err)
-        bar.update(1)
-        session.step_done(step, steps, loop_state)
-    bar.close()
-    # training seconds at each evaluation (this process's, without evaluation time; since a resume)
-    metrics = {"test_error": history[-1][1], "best_test_error": min(e for _, e in history), "steps": steps,
-               "history": history, "seconds": seconds,
-               "samples_per_sec": (steps - first + 1) * sampler.batch_size / max(seconds[-1] - seconds_before, 1e-9)}
-    return metrics, model
-
-
-LOOPS = {"feedforward": train_classifier}

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from sgrun.data import fetch
-from sgrun.data.images import ImageData, from_arrays
+from sgrun.data.image_data import ImageData, from_arrays
 from sgrun.errors import DataError
 
 BATCHES = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sgrun.data import fetch
-from sgrun.data.images import ImageData, from_arrays
+from sgrun.data.image_data import ImageData, from_arrays
 from sgrun.errors import DataError
 
 # md5 of the raw (decompressed) official files.

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sgrun.data.images import ImageData, channel_stats, normalise
+from sgrun.data.image_data import ImageData, channel_stats, normalise
 from sgrun.errors import ConfigError
 
 # Distance between two class prototypes, in units of the pixel noise, independent of the image

@@ -20,12 +20,11 @@ injects.  The synthesizer loss is ``L_sg = mean_i || delta_hat_i - B * dL/dh_i |
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from sgrun.dni.synthesizers import GradientSynthesizer, SynthesizerSpec, build_synthesizer
+from sgrun.dni.synthesizers import GradientSynthesizer
+from sgrun.dni.units import injected, per_example, regression_grad, regression_loss
 from sgrun.errors import ConfigError
 
 MODES = ("synthetic", "train_only", "off")
@@ -57,14 +56,12 @@ class SyntheticGradient(torch.autograd.Function):
     def backward(ctx, grad_out):
         (delta_hat,) = ctx.saved_tensors
         n = grad_out.shape[0]
-        target = grad_out * n  # per-example gradient: the synthesizer's regression target
-        diff = delta_hat - target
-        # d/d(delta_hat) of L_sg = (1/n) sum_i ||diff_i||^2
-        grad_delta = diff * (2.0 / n)
+        diff = delta_hat - per_example(grad_out)  # the synthesizer's regression target
+        grad_delta = regression_grad(diff)
         if ctx.record is not None:
-            ctx.record.sg_loss = diff.detach().pow(2).flatten(1).sum(1).mean()
+            ctx.record.sg_loss = regression_loss(diff.detach())
         if ctx.synthetic:
-            grad_h = delta_hat.detach() * (ctx.scale / n)
+            grad_h = injected(delta_hat.detach(), ctx.scale, n)
         else:  # train_only: the synthesizer learns, the true gradient passes unchanged
             grad_h = grad_out
         return grad_h, grad_delta, None, None, None
@@ -107,67 +104,6 @@ class BackwardInterface(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, mode={self.mode}, scale={self.scale}"
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a model gets backward interfaces, and of what kind.
-
-    ``cuts`` names cut points of the model (``("all",)`` for every cut, ``()`` for plain backprop);
-    models list their cuts in ``model.cut_names`` and call :meth:`resolve`.  ``conditioned`` makes
-    every synthesizer also see the one-hot label (cDNI).
-    """
-
-    cuts: tuple[str, ...] = ()
-    synthesizer: SynthesizerSpec = field(default_factory=SynthesizerSpec)
-    conditioned: bool = False
-    mode: str = "synthetic"
-    scale: float = 1.0
-    synthetic_input: SynthesizerSpec | None = None  # also predict each cut's input from x (complete unlock)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cuts", tuple(self.cuts))
-        if self.mode not in MODES:
-            raise ConfigError(f"dni mode must be one of {', '.join(MODES)} (got {self.mode!r}): set dni.mode=synthetic")
-        if self.scale < 0:
-            raise ConfigError(f"dni scale must be >= 0 (got {self.scale}): set dni.scale=1.0")
-
-    def resolve(self, available: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-        """The cuts that get an interface; a cut the model does not have is a :class:`ConfigError`."""
-        if self.cuts == ("all",):
-            return tuple(available)
-        unknown = [c for c in self.cuts if c not in available]
-        if unknown:
-            raise ConfigError(
-                f"no cut named {', '.join(map(repr, unknown))} in this model: valid cuts are "
-                f"{', '.join(available) or 'none'} (or 'all')"
-            )
-        return tuple(c for c in available if c in self.cuts)
-
-
-def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, ...]], context_dim: int = 0,
-                     in_shape: tuple[int, ...] | None = None) -> nn.ModuleDict:
-    """One interface per placed cut; ``shapes`` maps every cut to its activation shape.
-
-    With ``placement.synthetic_input`` the interfaces are :class:`~sgrun.dni.forward.UnlockedInterface`
-    (synthetic input from the data input of shape ``in_shape``, and synthetic gradient).
-    """
-    from sgrun.dni.forward import InputSynthesizer, UnlockedInterface
-
-    interfaces = nn.ModuleDict()
-    if placement is None:
-        return interfaces
-    si = placement.synthetic_input
-    if si is not None and in_shape is None:
-        raise ConfigError("synthetic inputs need the model's input shape (in_shape)")
-    for cut in placement.resolve(list(shapes)):
-        synth = build_synthesizer(placement.synthesizer, shapes[cut], context_dim if placement.conditioned else 0)
-        if si is None:
-            interfaces[cut] = BackwardInterface(synth, placement.scale, placement.mode, name=cut)
-        else:
-            model_in = InputSynthesizer(in_shape, shapes[cut], hidden=si.hidden, layers=si.layers)
-            interfaces[cut] = UnlockedInterface(synth, model_in, placement.scale, placement.mode, name=cut)
-    return interfaces
 
 
 def interfaces_of(model: nn.Module) -> list[BackwardInterface]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from sgrun.dni.interface import BackwardInterface
 from sgrun.dni.synthesizers import GradientSynthesizer
+from sgrun.dni.units import injected, per_example, regression_grad, regression_loss
 
 
 class InputSynthesizer(nn.Module):
@@ -64,13 +65,13 @@ class SyntheticInputCut(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, h_hat, delta_hat = ctx.saved_tensors
         n = grad_out.shape[0]
-        sg_diff = delta_hat - grad_out * n  # target of M: the gradient the modules above sent back
-        in_diff = h_hat - h                 # target of I: the real activation
+        sg_diff = delta_hat - per_example(grad_out)  # target of M: the gradient the modules above sent back
+        in_diff = h_hat - h                          # target of I: the real activation
         if ctx.record is not None:
-            ctx.record.sg_loss = sg_diff.detach().pow(2).flatten(1).sum(1).mean()
-            ctx.record.input_loss = in_diff.detach().pow(2).flatten(1).sum(1).mean()
-        grad_h = delta_hat.detach() * (ctx.scale / n)
-        return grad_h, in_diff * (2.0 / n), sg_diff * (2.0 / n), None, None
+            ctx.record.sg_loss = regression_loss(sg_diff.detach())
+            ctx.record.input_loss = regression_loss(in_diff.detach())
+        grad_h = injected(delta_hat.detach(), ctx.scale, n)
+        return grad_h, regression_grad(in_diff), regression_grad(sg_diff), None, None
 
 
 class UnlockedInterface(BackwardInterface):

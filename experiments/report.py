@@ -129,11 +129,11 @@ def _minutes(run: Run) -> float:
 
 
 def _budget(run: Run) -> str:
-    p = run.get("config.profile")
-    if not isinstance(p, dict):
+    """The preset's budget as the run used it: ``<preset> <steps> steps, lr <lr>``."""
+    steps, lr = run.get("config.train.steps"), run.get("config.optim.lr")
+    if steps is None or lr is None:
         return ""
-    keys = ("step_fraction", "lr_factor", "max_steps", "eval_limit")
-    return ", ".join(f"{k} {p[k]}" for k in keys if p.get(k) is not None)
+    return f"{run.get('config.name') or 'run'} {steps} steps, lr {lr:g}"
 
 
 def _seed_count(table: Table) -> int:

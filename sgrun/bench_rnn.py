@@ -4,7 +4,7 @@ Run: ``python -m sgrun.bench_rnn [--k 5] [--hidden 256] [--batch 128] [--steps 1
 Random symbol ids over PTB's 50-symbol vocabulary; times only the training step (one block of ``k``
 steps: forward, backward with the injected synthetic gradient, synthesizer regression, for DNI + Aux
 the look-ahead through the next block, Adam) after a warm-up, with the same
-:func:`sgrun.train_rnn.truncated_step` the runner uses.
+:func:`sgrun.dni.recurrent.truncated_step` the runner uses.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from sgrun.dni import Placement, SynthesizerSpec
 from sgrun.models.rnn import RecurrentNet
-from sgrun.train_rnn import lm_step_loss, truncated_step
+from sgrun.dni.recurrent import truncated_step
+from sgrun.tasks.sequence import lm_step_loss
 
 VOCAB = 50  # PTB characters: 49 symbols and the end of line
 

@@ -24,6 +24,22 @@ FAMILY_DATA = {
     "hrnn": ("digits", "digits_mnist"),
 }
 FAMILY_MODELS = {"feedforward": "fcn|cnn", "rnn": "rnn", "hrnn": "hrnn"}
+# The dni choices each family has interfaces for.
+FAMILY_DNI = {
+    "feedforward": ("none", "every_layer", "cdni", "complete_unlock", "complete_unlock_cdni"),
+    "rnn": ("none", "every_k", "every_k_aux"),
+    "hrnn": ("message",),
+}
+
+
+def check_family_dni(family: str, model: str, dni: str) -> None:
+    """A dni choice made for another model family is one line naming the valid ones."""
+    valid = FAMILY_DNI.get(family)
+    if valid is not None and dni not in valid:
+        owners = "|".join(FAMILY_MODELS[f] for f, v in FAMILY_DNI.items() if dni in v)
+        whose = f"dni={dni} is for model={owners}" if owners else f"dni={dni} is not a dni choice"
+        raise ConfigError(f"{whose}: with model={model} choose " + " or ".join(f"dni={v}" for v in valid)
+                          + (" (model.coupling=none|dni|bptt chooses the coupling)" if family == "hrnn" else ""))
 DIGIT_EVAL_SEED = 1_000_003  # the held-out digit stream's seed: the same stream for every run and seed
 
 

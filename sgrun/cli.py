@@ -54,14 +54,22 @@ class ReportFailures(Callback):
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
-    from sgrun.tasks import TASKS  # torch imports after Hydra has parsed the command line
+    from sgrun.build import check_family_dni  # torch imports after Hydra has parsed the command line
+    from sgrun.tasks import TASKS
     from sgrun.train import run
 
     hc = HydraConfig.get()
-    added = [o.split("=", 1)[0] for o in hc.overrides.task if o.startswith("+") and not o.startswith("++")]
+    # a dataset's loader options are open (the loader names its valid ones); nothing else is
+    added = [key for key in (o.split("=", 1)[0] for o in hc.overrides.task if o.startswith("+") and o[1:2] != "+")
+             if ".options." not in key and not key.startswith("+data.image_options.")]
     if added:
         fail(f"sgrun reads no key {added[0][1:]!r} (a '+' adds a key that no part of sgrun uses): drop the '+' to "
              "set an existing key; list the valid keys with: sgrun --cfg job")
+    if any(o.startswith("dni=") for o in hc.overrides.task):  # a preset's own choice is right by construction
+        try:
+            check_family_dni(cfg.model.family, cfg.model.name, hc.runtime.choices.get("dni"))
+        except SgrunError as e:
+            fail(str(e))
     out_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     (out_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sgrun.build import build_optimizer, device_of
+from sgrun.build import build_optimizer, check_family_data, device_of
 from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
 from sgrun.errors import ConfigError, SgrunError
@@ -70,6 +70,7 @@ def task_class(cfg: DictConfig) -> type[Task]:
     runtime = cfg.runtime.name
     if runtime not in ("inprocess", "pipeline"):
         raise ConfigError(f"runtime must be inprocess or pipeline (got {runtime!r}): choose runtime=inprocess|pipeline")
+    check_family_data(cfg)
     cls = TASKS[family]
     if float(cfg.train.update_prob) < 1.0 and not cls.stochastic_updates:
         raise ConfigError(f"train.update_prob={cfg.train.update_prob} needs layers updated in groups (sec. 3.3), "

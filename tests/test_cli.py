@@ -8,7 +8,7 @@ from clirun import SMOKE, sgrun
 def test_single_run_writes_summary_and_events(tmp_path):
     r = sgrun(*SMOKE, "hydra.run.dir=out", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "test_error" in r.stdout and "tensorboard --logdir" in r.stdout
+    assert "test error" in r.stdout and "tensorboard --logdir" in r.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"]["steps"] == 4
     assert list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))

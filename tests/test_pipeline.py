@@ -19,7 +19,8 @@ from clirun import sgrun
 from configs import make_cfg
 
 from sgrun.errors import ConfigError
-from sgrun.pipeline import block_costs, full_model, plan_split
+from sgrun.pipeline import block_costs, plan_split
+from sgrun.pipeline.stage import full_model
 
 TINY = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=12", "train.eval_every=6",
         "train.batch_size=32", "train.log_every=6", "checkpoint.every=0"]
@@ -264,7 +265,7 @@ def test_torchrun_launch(tmp_path):
 
 def test_label_only_draws_follow_the_same_batches():
     # stages above the first take their labels from their own sampler instead of a message
-    from sgrun.train import BatchSampler
+    from sgrun.tasks.classification import BatchSampler
     x, y = torch.randn(50, 3), torch.arange(50)
     full, labels = (BatchSampler(x, y, 16, seed=3, device=torch.device("cpu")) for _ in range(2))
     for _ in range(7):  # past an epoch boundary (a fresh permutation)

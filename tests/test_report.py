@@ -34,7 +34,7 @@ def make_run(runs: Path, preset: str, job: str, *, dni: str, seed: int = 0, metr
     """A job folder as sgrun -m leaves it; ``config`` keys are paths with "__" ("model__layers")."""
     folder = runs / "smoke" / preset / job
     (folder / ".hydra").mkdir(parents=True)
-    cfg = {"name": preset, "seed": seed, "profile": {"name": "smoke", "step_fraction": 1.0, "max_steps": 4}}
+    cfg = {"name": preset, "seed": seed, "profile": {"name": "smoke"}, "train": {"steps": 4}, "optim": {"lr": 3e-4}}
     for path, value in config.items():
         node = cfg
         *parents, leaf = path.split("__")

@@ -13,7 +13,8 @@ from configs import make_cfg
 
 from sgrun import checkpoint as ck
 from sgrun.errors import SgrunError
-from sgrun.train import BatchSampler, run
+from sgrun.tasks.classification import BatchSampler
+from sgrun.train import run
 
 RUN = ["data=synthetic", "device=cpu", "dni=every_layer", "dni.synthesizer.hidden=32", "train.steps=120",
        "train.batch_size=32", "train.log_every=20", "train.eval_every=40", "optim.lr=1e-3", "checkpoint.every=10"]

@@ -15,25 +15,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-import sgrun.train_rnn as train_rnn
+import sgrun.tasks.sequence as sequence_task
+from sgrun.build import build_sequence_stream
+from sgrun.cli import CONF_DIR
 from sgrun.data.copy_task import CopyTask
 from sgrun.data.ptb import PTBStream
 from sgrun.data.tasks import Block
 from sgrun.dni import GradientSynthesizer, Placement, SynthesizerSpec
+from sgrun.dni.recurrent import aux_target, block_loss, future_gradient_quality, truncated_step
 from sgrun.errors import ConfigError, DataError, SgrunError
 from sgrun.models.rnn import RecurrentNet
+from sgrun.tasks.sequence import copy_step_loss, lm_step_loss, read_block
 from sgrun.train import run
-from sgrun.train_rnn import (
-    block_loss,
-    copy_step_loss,
-    future_gradient_quality,
-    lm_step_loss,
-    make_task,
-    read_block,
-    truncated_step,
-)
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(CONF_DIR)
 PRESETS = ("table1_copy", "table1_repeat_copy", "table1_ptb")
 B, IN, OUT, H, K = 5, 4, 3, 6, 3
 
@@ -229,7 +224,7 @@ def test_aux_target_is_the_synthetic_gradient_at_the_end_of_the_next_block():
     # The head's gradient of aux_weight * mean_i ||A s_k,i + b - t_i||^2 (it is on no other path).
     assert torch.allclose(model.aux_head.weight.grad, weight * 2 / B * err.T @ s_k, atol=1e-5)
     assert torch.allclose(model.aux_head.bias.grad, weight * 2 / B * err.sum(0), atol=1e-5)
-    assert torch.allclose(train_rnn.aux_target(model, s_k, x_next), target, atol=1e-6)
+    assert torch.allclose(aux_target(model, s_k, x_next), target, atol=1e-6)
 
 
 def test_look_ahead_leaves_the_stream_as_it_was():
@@ -275,13 +270,12 @@ def test_aux_run_reads_the_same_stream_and_looks_ahead_at_the_next_block(preset,
         seen.append((x.clone(), y.clone(), mask.clone(), x_next.clone()))
         return truncated_step(model, x, y, mask, state, step_loss, aux_weight, x_next)
 
-    monkeypatch.setattr(train_rnn, "truncated_step", recording)
+    monkeypatch.setattr(sequence_task, "truncated_step", recording)
     frozen = [] if preset == "table1_ptb" else ["data.options.threshold=1e-9"]
-    cfg = compose_preset(preset, "profile=smoke", "dni=every_k_aux", "model.k=3", "profile.max_steps=null",
-                         "train.steps=12", *frozen, ptb=tiny_ptb if preset == "table1_ptb" else None)
+    cfg = compose_preset(preset, "profile=smoke", "dni=every_k_aux", "model.k=3", "train.steps=12", *frozen, ptb=tiny_ptb if preset == "table1_ptb" else None)
     metrics = run(cfg, tmp_path / "run")
     assert metrics["steps"] == len(seen) == 12
-    fresh, _ = make_task(cfg, int(cfg.train.batch_size))
+    fresh, _ = build_sequence_stream(cfg, int(cfg.train.batch_size))
     for i, (x, y, mask, x_next) in enumerate(seen):
         block = fresh.next_block(3)
         assert torch.equal(x, block.x) and torch.equal(y, block.y) and torch.equal(mask, block.mask), i
@@ -367,7 +361,7 @@ def test_preset_is_the_table1_sweep(preset):
     assert [int(v) for v in str(params["model.k"]).split(",")] == [2, 3, 4, 5, 8]
     assert str(params["dni"]).split(",") == ["none", "every_k", "every_k_aux"]
     assert cfg.model.family == "rnn" and cfg.name == preset
-    assert cfg.profile.step_fraction == 1.0 and cfg.profile.lr_factor == 1.0  # the preset's own cpu budget
+    assert cfg.train.steps == 3000 and cfg.optim.lr == 3e-3  # the preset's own cpu budget, as it runs
     assert cfg.optim.decay_at == []  # sec. 3.1: no learning-rate decay
 
 
@@ -391,8 +385,7 @@ def test_preset_runs_under_smoke(preset, dni, tmp_path, tiny_ptb):
 
 def test_copy_curriculum_advances_with_dni(tmp_path):
     """Real learning, small: DNI solves N = 1 of Copy (3-step episodes) within the smoke budget x 100."""
-    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3", "profile.max_steps=null",
-                         "train.steps=400", "model.hidden=32", "train.batch_size=16", "optim.lr=1e-2",
+    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3", "train.steps=400", "model.hidden=32", "train.batch_size=16", "optim.lr=1e-2",
                          "train.sg_quality=false")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["largest_n"] >= 1
@@ -406,7 +399,6 @@ def test_copy_curriculum_advances_with_dni(tmp_path):
     ("model.hidden=0", "model.hidden=256"),
     ("data.options.bits=0", "data.options.bits=8"),
     ("dni.aux_weight=-1", "dni.aux_weight=1.0"),
-    ("dni=cdni", "dni=every_k"),
     ("data=mnist", "data=copy"),
     ("+data.options.colour=red", "conf/data/copy.yaml"),
 ])

@@ -4,7 +4,7 @@ Jaderberg et al. 2017, sec. 3.1 treat an RNN as infinitely unrolled and train it
 BPTT over blocks of ``k`` steps.  The LSTM state ``[h, c]`` crosses every block boundary, so it is
 also where the backward interface sits: a synthesizer ``M`` maps the block-end state to a
 prediction of the gradient of all future losses w.r.t. that state.  The training step that
-injects and regresses it lives in :mod:`sgrun.train_rnn`; this module only holds the networks.
+injects and regresses it lives in :mod:`sgrun.dni.recurrent`; this module only holds the networks.
 
 The state travels between blocks as one flat tensor ``s = [h, c]`` of shape ``[B, 2H]``, so that a
 synthesizer for flat vectors (:class:`~sgrun.dni.LinearSynthesizer`, :class:`~sgrun.dni.MLPSynthesizer`)
@@ -53,7 +53,7 @@ class RecurrentNet(nn.Module):
             means the same).  ``None`` (or mode ``off``) is plain truncated BPTT.
         aux: add the DNI + Aux head ``A``, a linear map of the block-end state ``s_k`` that predicts
             the synthetic gradient of the end of the *next* block, ``M(s_2k)``, ``k`` steps later
-            (sec. 3.1, "DNI + Aux"; the target is built in :func:`sgrun.train_rnn.truncated_step`).
+            (sec. 3.1, "DNI + Aux"; the target is built in :func:`sgrun.dni.recurrent.truncated_step`).
 
     Attributes: ``synthesizer`` (``None`` without DNI), ``scale`` and ``mode`` of the interface,
     ``aux_head`` (``None`` without aux), ``state_size`` (``2H``).

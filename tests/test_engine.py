@@ -1,0 +1,165 @@
+"""One engine for every task: budgets as they run, each family's own data and demo budget, features
+honoured or refused, one progress bar and one divergence guard."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from clirun import sgrun
+from configs import PRESETS, make_cfg
+from omegaconf import OmegaConf
+
+import sgrun as package
+from sgrun.cli import CONF_DIR
+from sgrun.errors import ConfigError, SgrunError
+from sgrun.guard import check_finite
+from sgrun.tasks import TASKS
+from sgrun.train import run, task_class
+
+FAMILIES = {"fcn": ("feedforward", "mnist"), "cnn": ("feedforward", "mnist"), "rnn": ("rnn", "copy"),
+            "hrnn": ("hrnn", "digits")}
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_each_family_brings_its_own_data_and_demo_budget(model):
+    family, data = FAMILIES[model]
+    cfg = make_cfg(f"model={model}")
+    assert cfg.model.family == family and cfg.data.name == data
+    demo = OmegaConf.load(Path(CONF_DIR) / "demo" / f"{model}.yaml")
+    assert cfg.train.steps == demo.train.steps and cfg.optim.lr == demo.optim.lr
+
+
+def test_an_explicit_dataset_wins_over_the_familys():
+    assert make_cfg("model=rnn", "data=ptb").data.name == "ptb"
+    assert make_cfg("model=hrnn", "data=digits_mnist").data.mode == "images"
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if OmegaConf.is_dict(value):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_no_demo_budget_reaches_a_preset(preset):
+    """Every key a family's demo budget sets is set by each preset of that family again, so the
+    paper profile of a preset is the preset's own (the demo file comes first in the defaults list)."""
+    cfg = make_cfg(f"experiment={preset}")
+    demo = OmegaConf.load(Path(CONF_DIR) / "demo" / f"{cfg.model.name}.yaml")
+    text = (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    preset_cfg = OmegaConf.create(text)
+    for key in _leaves(demo):
+        assert OmegaConf.select(preset_cfg, key) is not None, f"{preset} does not set {key}"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("profile", ["paper", "cpu", "smoke"])
+def test_the_composed_config_is_the_budget_that_runs(preset, profile):
+    """No multiplier is applied after composition: --cfg job shows the steps and learning rate."""
+    cfg = make_cfg(f"experiment={preset}", f"profile={profile}")
+    assert set(cfg.profile) == {"name"}
+    assert isinstance(cfg.train.steps, int) and isinstance(cfg.optim.lr, float)
+    if profile == "smoke":
+        assert cfg.train.steps == 4
+
+
+def test_mnist_fcn_cpu_budget_is_shown_as_it_runs():
+    cfg = make_cfg("experiment=mnist_fcn", "profile=cpu")
+    assert (cfg.train.steps, cfg.optim.lr, cfg.train.eval_every) == (15000, 3e-4, 150)
+
+
+def test_profile_files_are_not_copies_of_each_other():
+    files = sorted((Path(CONF_DIR) / "experiment_profile").glob("*.yaml"))
+    bodies = {}
+    for f in files:
+        body = "\n".join(ln for ln in f.read_text().splitlines() if not ln.startswith("#"))
+        if body.startswith("defaults:") and body.count("\n") == 1:
+            continue  # a one-line include of the shared file
+        assert body not in bodies, f"{f.name} repeats {bodies.get(body)}: include it with a defaults list"
+        bodies[body] = f.name
+
+
+def test_every_model_has_a_target():
+    for f in (Path(CONF_DIR) / "model").glob("*.yaml"):
+        assert OmegaConf.load(f).get("_target_"), f.name
+
+
+def test_registry_covers_every_family():
+    families = {OmegaConf.load(f).family for f in (Path(CONF_DIR) / "model").glob("*.yaml")}
+    assert families == set(TASKS)
+
+
+@pytest.mark.parametrize("model", ["rnn", "hrnn"])
+def test_stochastic_updates_are_refused_where_there_are_no_layer_groups(model):
+    cfg = make_cfg(f"model={model}", "train.update_prob=0.5")
+    with pytest.raises(ConfigError, match="train.update_prob=0.5 .* model=fcn"):
+        task_class(cfg)
+
+
+def test_stochastic_updates_skip_and_count(tmp_path):
+    cfg = make_cfg("data=synthetic", "device=cpu", "profile=smoke", "train.update_prob=0.5", "train.steps=8",
+                   "model.layers=3", "dni=every_layer")
+    metrics = run(cfg, tmp_path)
+    assert 0 < metrics["skipped_groups"] < 8 * 3  # three layer groups, each skipped with probability 1/2
+
+
+def test_the_family_and_the_dataset_must_match(tmp_path):
+    with pytest.raises(ConfigError, match="model=rnn trains on copy, repeat_copy, ptb, not data=mnist"):
+        run(make_cfg("model=rnn", "data=mnist", "profile=smoke"), tmp_path)
+
+
+def test_threads_reach_every_task(tmp_path, monkeypatch):
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    run(make_cfg("data=synthetic", "device=cpu", "profile=smoke", "runtime.threads=1"), tmp_path)
+    assert seen and seen[0] == 1
+
+
+def test_the_guard_names_the_interface_and_the_checkpoint():
+    with pytest.raises(SgrunError, match=r"interface h2 became non-finite by step 7.*checkpoint \(step 5\)"):
+        check_finite({"loss/train": 1.0, "dni/h2/sg_loss": float("nan")}, 7, 1e-3, 5)
+    with pytest.raises(SgrunError, match="training loss .* no checkpoint had been written yet"):
+        check_finite({"loss/train": float("inf")}, 3, 1e-3, None)
+    check_finite({"loss/train": 1.0}, 3, 1e-3, None)
+
+
+def test_one_progress_bar_and_one_guard_in_the_package():
+    sources = {p: p.read_text() for p in Path(package.__file__).parent.rglob("*.py")}
+    bars = [p for p, s in sources.items() if re.search(r"\btqdm\(", s)]
+    guards = [p for p, s in sources.items() if re.search(r"def check_finite\b", s)]
+    assert [p.name for p in bars] == ["train.py"] and [p.name for p in guards] == ["guard.py"]
+
+
+def test_a_key_no_part_of_sgrun_reads_is_refused(tmp_path):
+    r = sgrun("+foo=1", "data=synthetic", "profile=smoke", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'foo'" in r.stderr
+    r = sgrun("+model.widht=3", "data=synthetic", "profile=smoke", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'model.widht'" in r.stderr
+
+
+@pytest.mark.parametrize("model", ["rnn", "hrnn", "cnn"])
+def test_each_family_runs_as_typed_and_names_its_metric(tmp_path, model):
+    """`sgrun model=<family>` (here with a few steps) trains on the family's data and prints its
+    headline metric in words."""
+    small = {"cnn": ["data=synthetic"], "rnn": [], "hrnn": []}[model]
+    r = sgrun(f"model={model}", "train.steps=6", "train.eval_every=3", "train.log_every=3", *small,
+              cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    finished = [ln for ln in r.stdout.splitlines() if "finished in" in ln]
+    metric = {"rnn": "largest N solved", "hrnn": "held-out error of B", "cnn": "test error"}[model]
+    assert finished and metric in finished[0] and "primary" not in finished[0]
+
+
+@pytest.mark.parametrize("args, fix", [
+    (["model=rnn", "dni=cdni"], "dni=every_k"),
+    (["model=fcn", "dni=every_k"], "dni=every_layer"),
+    (["model=hrnn", "dni=every_layer"], "dni=message"),
+])
+def test_a_dni_choice_of_another_family_is_one_line(tmp_path, args, fix):
+    r = sgrun(*args, "train.steps=2", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and fix in r.stderr, r.stderr

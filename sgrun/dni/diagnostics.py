@@ -1,10 +1,12 @@
 """How good is the synthetic gradient?  Measured against the true gradient on logging steps.
 
-Czarnecki et al. 2017 (sec. 5 of PAPER.md) recommend logging how well the synthetic gradient matches
-the true one per interface.  The true gradient needs a full backward pass, so it is measured only
-when asked: :func:`gradient_quality` runs one extra forward/backward with every interface turned
-into an observer (identity, true gradient passes), and restores BatchNorm running statistics so the
-measurement leaves no trace on training.
+A synthetic gradient is only useful as far as it points where the true gradient does (Jaderberg et
+al. 2017, sec. 2; Czarnecki et al. 2017, "Understanding Synthetic Gradients and Decoupled Neural
+Interfaces"), so it is worth logging how well it matches the true one at each interface.  The true
+gradient needs a full backward pass, so it is measured only when asked: :func:`gradient_quality`
+runs one extra forward/backward with every interface turned into an observer (identity, true
+gradient passes), and restores BatchNorm running statistics so the measurement leaves no trace on
+training.
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from sgrun.dni.interface import interfaces_of
 
 
 @contextmanager
-def preserved_batchnorm(model: nn.Module):
-    """Restore every BatchNorm buffer (running mean/var, counters) on exit."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None} for m in norms]
+def preserved_batchnorm(*models: nn.Module):
+    """Restore every BatchNorm buffer (running mean/var, counters) of ``models`` on exit, so that a
+    measurement or look-ahead forward pass in training mode leaves no trace on training."""
+    norms = [m for model in models for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False) if v is not None}
+             for m in norms]
     try:
         yield
     finally:
@@ -32,15 +37,28 @@ def preserved_batchnorm(model: nn.Module):
                     getattr(m, k).copy_(v)
 
 
-def gradient_quality(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Compare each interface's synthetic gradient with the true gradient of ``loss_fn()``.
+def gradient_quality(model: nn.Module,
+                     loss_fn: Callable[[], torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Compare each backward interface's synthetic gradient with the true gradient of ``loss_fn()``.
 
-    ``loss_fn`` runs the model's forward pass and returns the (batch-mean) loss.  Returns, per cut,
-    ``cosine`` (mean over examples of the cosine between predicted and true per-example gradient)
-    and ``mse`` (mean over examples of the squared error, the synthesizer loss against the true
-    rather than the bootstrapped target).
+    ``loss_fn`` runs the model's forward pass and returns the (batch-mean) loss.  Returns, per
+    interface name, ``cosine`` (mean over examples of the cosine between the predicted and the true
+    per-example gradient) and ``mse`` (mean over examples of the squared error: the synthesizer loss
+    against the true rather than the bootstrapped target).  Every interface that is not ``off``
+    needs a name of its own (a ``ValueError`` otherwise).  Nothing is trained (the true gradient
+    comes from ``torch.autograd.grad``; no ``.grad`` is touched) and BatchNorm buffers are left as
+    they were.
     """
     interfaces = [i for i in interfaces_of(model) if i.mode != "off"]
+    names = [i.name for i in interfaces]
+    if not all(names):
+        raise ValueError("gradient_quality reports per interface name: give every "
+                         "BackwardInterface a name (BackwardInterface(..., name='h1'))")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        listed = ", ".join(map(repr, repeated))
+        raise ValueError(f"gradient_quality reports per interface name: {listed} names more than "
+                         "one interface; give each its own name")
     if not interfaces:
         return {}
     probes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

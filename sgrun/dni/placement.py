@@ -30,17 +30,20 @@ class Placement:
     conditioned: bool = False
     mode: str = "synthetic"
     scale: float = 1.0
-    synthetic_input: SynthesizerSpec | None = None  # also predict each cut's input from x (complete unlock)
+    # a synthetic input I(x) at each cut too, predicted from the data input x (complete unlock)
+    synthetic_input: SynthesizerSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cuts", tuple(self.cuts))
         if self.mode not in MODES:
-            raise ConfigError(f"dni mode must be one of {', '.join(MODES)} (got {self.mode!r}): set dni.mode=synthetic")
+            raise ConfigError(f"dni mode must be one of {', '.join(MODES)} (got {self.mode!r}): "
+                              "set dni.mode=synthetic")
         if self.scale < 0:
             raise ConfigError(f"dni scale must be >= 0 (got {self.scale}): set dni.scale=1.0")
 
     def resolve(self, available: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-        """The cuts that get an interface; a cut the model does not have is a :class:`ConfigError`."""
+        """The cuts that get an interface; a cut the model does not have is a
+        :class:`ConfigError`."""
         if self.cuts == ("all",):
             return tuple(available)
         unknown = [c for c in self.cuts if c not in available]
@@ -52,12 +55,14 @@ class Placement:
         return tuple(c for c in available if c in self.cuts)
 
 
-def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, ...]], context_dim: int = 0,
+def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, ...]],
+                     context_dim: int = 0,
                      in_shape: tuple[int, ...] | None = None) -> nn.ModuleDict:
     """One interface per placed cut; ``shapes`` maps every cut to its activation shape.
 
-    With ``placement.synthetic_input`` the interfaces are :class:`~sgrun.dni.synthetic_input.UnlockedInterface`
-    (synthetic input from the data input of shape ``in_shape``, and synthetic gradient).
+    With ``placement.synthetic_input`` the interfaces are
+    :class:`~sgrun.dni.synthetic_input.UnlockedInterface`: a synthetic input from the data input of
+    shape ``in_shape`` and a synthetic gradient (the complete unlock).
     """
     interfaces = nn.ModuleDict()
     if placement is None:
@@ -66,10 +71,13 @@ def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, .
     if si is not None and in_shape is None:
         raise ConfigError("synthetic inputs need the model's input shape (in_shape)")
     for cut in placement.resolve(list(shapes)):
-        synth = build_synthesizer(placement.synthesizer, shapes[cut], context_dim if placement.conditioned else 0)
+        context = context_dim if placement.conditioned else 0
+        synth = build_synthesizer(placement.synthesizer, shapes[cut], context)
         if si is None:
             interfaces[cut] = BackwardInterface(synth, placement.scale, placement.mode, name=cut)
         else:
-            model_in = InputSynthesizer(in_shape, shapes[cut], hidden=si.hidden, layers=si.layers)
-            interfaces[cut] = UnlockedInterface(synth, model_in, placement.scale, placement.mode, name=cut)
+            synthetic_input = InputSynthesizer(in_shape, shapes[cut], hidden=si.hidden,
+                                               layers=si.layers)
+            interfaces[cut] = UnlockedInterface(synth, synthetic_input, placement.scale,
+                                                placement.mode, name=cut)
     return interfaces

@@ -23,7 +23,8 @@ class SynthesizerSpec:
     """What synthesizer to build at a cut.
 
     kind: ``linear``, ``mlp`` or ``conv``.  ``hidden`` and ``layers`` count the hidden layers
-    (``mlp``: Linear -> BatchNorm -> ReLU, ``conv``: Conv -> BatchNorm -> ReLU, resolution-preserving).
+    (``mlp``: Linear -> BatchNorm -> ReLU, ``conv``: Conv -> BatchNorm -> ReLU,
+    resolution-preserving).
     """
 
     kind: str = "mlp"
@@ -34,7 +35,8 @@ class SynthesizerSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in SYNTHESIZERS:
-            raise ValueError(f"synthesizer kind must be one of {sorted(SYNTHESIZERS)} (got {self.kind!r})")
+            raise ValueError(f"synthesizer kind must be one of {sorted(SYNTHESIZERS)} "
+                             f"(got {self.kind!r})")
         if self.layers < 0 or self.hidden < 1 or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(
                 f"synthesizer needs layers >= 0, hidden >= 1 and an odd kernel (got {self.layers}, "
@@ -51,7 +53,8 @@ class GradientSynthesizer(nn.Module):
 
     def _check_context(self, context: torch.Tensor | None) -> None:
         if self.context_dim and context is None:
-            raise ValueError("this synthesizer is conditioned (cDNI): pass the context (one-hot label)")
+            raise ValueError("this synthesizer is conditioned (cDNI): pass the context "
+                             "(one-hot label)")
 
 
 def _zero_(layer: nn.Module) -> nn.Module:
@@ -134,7 +137,8 @@ class ConvSynthesizer(GradientSynthesizer):
     ) -> None:
         super().__init__(context_dim)
         if len(shape) != 3:
-            raise ValueError(f"a conv synthesizer needs [C, H, W] activations (got shape {tuple(shape)})")
+            raise ValueError(f"a conv synthesizer needs [C, H, W] activations "
+                             f"(got shape {tuple(shape)})")
         self.shape = tuple(shape)
         channels = shape[0]
         pad = kernel // 2
@@ -161,10 +165,12 @@ class ConvSynthesizer(GradientSynthesizer):
 SYNTHESIZERS = {"linear": LinearSynthesizer, "mlp": MLPSynthesizer, "conv": ConvSynthesizer}
 
 
-def build_synthesizer(spec: SynthesizerSpec, shape: tuple[int, ...], context_dim: int = 0) -> GradientSynthesizer:
+def build_synthesizer(spec: SynthesizerSpec, shape: tuple[int, ...],
+                      context_dim: int = 0) -> GradientSynthesizer:
     """Build the synthesizer ``spec`` describes for activations of ``shape`` (without batch dim)."""
     if spec.kind == "linear":
         return LinearSynthesizer(shape, context_dim=context_dim)
     if spec.kind == "mlp":
         return MLPSynthesizer(shape, spec.hidden, spec.layers, context_dim, spec.batchnorm)
-    return ConvSynthesizer(shape, spec.hidden, spec.layers, spec.kernel, context_dim, spec.batchnorm)
+    return ConvSynthesizer(shape, spec.hidden, spec.layers, spec.kernel, context_dim,
+                           spec.batchnorm)

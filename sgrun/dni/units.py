@@ -4,8 +4,9 @@ pipeline's boundaries, diagnostics).
 Losses are means over a batch of ``B`` examples (or streams), so the gradient that reaches one
 example's activation is ``1/B`` of the gradient of its own loss.  Synthesizers predict the
 *per-example* gradient ``B * dL/dh_i``, so that their targets do not shrink with the batch; the
-gradient injected into the module below is ``scale * delta_hat / B`` again; the synthesizer's loss is
-``L_sg = mean_i ||delta_hat_i - B dL/dh_i||^2`` (Jaderberg et al. 2017, sec. 2: an L2 regression).
+gradient injected into the module below is ``scale * delta_hat / B`` again; the synthesizer's loss
+is ``L_sg = mean_i ||delta_hat_i - B dL/dh_i||^2`` (Jaderberg et al. 2017, sec. 2: an L2
+regression).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def per_example(grad: torch.Tensor) -> torch.Tensor:
 
 
 def injected(delta_hat: torch.Tensor, scale: float, n: int) -> torch.Tensor:
-    """The gradient handed to the module below for a per-example prediction: ``delta_hat * scale / B``."""
+    """The gradient handed to the module below for a per-example prediction:
+    ``delta_hat * scale / B``."""
     return delta_hat * (scale / n)
 
 

@@ -15,8 +15,8 @@ import time
 import torch
 
 from sgrun.dni import Placement, SynthesizerSpec
-from sgrun.models.rnn import RecurrentNet
 from sgrun.dni.recurrent import truncated_step
+from sgrun.models.rnn import RecurrentNet
 from sgrun.tasks.sequence import lm_step_loss
 
 VOCAB = 50  # PTB characters: 49 symbols and the end of line

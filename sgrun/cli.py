@@ -25,7 +25,6 @@ from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
 
-
 def conf_dir() -> str:
     """The configs: ``sgrun/conf`` inside an installed wheel (the top-level ``conf/`` is mapped there
     by pyproject.toml), the top-level ``conf/`` of a source checkout or an editable install; absolute,
@@ -54,7 +53,9 @@ class ReportFailures(Callback):
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
-    from sgrun.build import check_family_dni  # torch imports after Hydra has parsed the command line
+    from sgrun.build import (
+        check_family_dni,  # torch imports after Hydra has parsed the command line
+    )
     from sgrun.tasks import TASKS
     from sgrun.train import run
 

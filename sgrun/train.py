@@ -117,7 +117,9 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     try:
         with ckpt, torch_threads(cfg.runtime):
             if cfg.runtime.name == "pipeline":
-                from sgrun.pipeline import train_pipeline  # its own processes; imports torch.distributed
+                from sgrun.pipeline import (
+                    train_pipeline,  # its own processes; imports torch.distributed
+                )
 
                 metrics, model = train_pipeline(cfg, session)
             else:

@@ -18,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call
 
-from sgrun.build import build_images, build_model, build_optimizer, build_synthesizer_optimizer, device_of, placement_of
+from sgrun.build import (
+    build_images,
+    build_model,
+    build_optimizer,
+    build_synthesizer_optimizer,
+    device_of,
+    placement_of,
+)
 from sgrun.dni import interfaces_of
 from sgrun.dni.units import injected, per_example, regression_grad, regression_loss
 from sgrun.errors import ConfigError, SgrunError

@@ -468,3 +468,12 @@ def test_unlocked_and_mlp_synthesizer_names_stay_importable():
     assert issubclass(UnlockedInterface, BackwardInterface)
     assert not issubclass(ForwardInterface, BackwardInterface)  # no synthetic gradient
     assert MLPSynthesizer((3,), hidden=4, layers=1)(torch.randn(2, 3)).shape == (2, 3)
+
+
+def test_readme_examples_run():
+    """The README's own examples (feed-forward and recurrent) run as written."""
+    readme = PAGE.parent.parent / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})

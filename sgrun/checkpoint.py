@@ -149,8 +149,7 @@ class Checkpointer:
         if due or self.stop_signal is not None:
             write_checkpoint(self.path, state_fn())
         if self.stop_signal is not None:
-            raise Interrupted(f"interrupted at step {step}/{total}: checkpoint saved in {self.path}; "
-                              "run the same command again to continue")
+            raise Interrupted(f"interrupted at step {step}/{total}: checkpoint saved in {self.path}")
 
     def clear(self) -> None:
         """A finished run keeps its summary, not its checkpoints."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -77,7 +78,10 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg, out_dir)
     except Interrupted as e:
-        fail(str(e), code=130)  # Ctrl-C / SIGTERM stops the whole sweep, after the checkpoint is saved
+        # Ctrl-C / SIGTERM stops the whole sweep, after the checkpoint is saved
+        if cfg.runtime.name == "pipeline":
+            fail(str(e), code=130)  # it says that pipeline runs keep no checkpoint
+        fail(f"{e}; {continue_hint(Path(cfg.resume) if cfg.get('resume') else out_dir, multirun, hc)}", code=130)
     except SgrunError as e:
         if not multirun:
             fail(str(e))  # exits here, before Hydra adds its own multi-line report
@@ -100,6 +104,17 @@ def _main(cfg: DictConfig) -> float | None:
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: {task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
     return value
+
+
+def continue_hint(out_dir: Path, multirun: bool, hc) -> str:
+    """The exact command that continues an interrupted run from its checkpoint."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("resume=", "hydra.run.dir="))]
+    if multirun:
+        sweep = Path(hc.sweep.dir).resolve()
+        args = [a for a in args if not a.startswith("hydra.sweep.dir=")]
+        return "continue the sweep (finished jobs are kept, this one resumes) with: " + shlex.join(
+            ["sgrun", *args, f"hydra.sweep.dir={sweep}"])
+    return "continue it with: " + shlex.join(["sgrun", *args, f"resume={out_dir.resolve()}"])
 
 
 def one_line(e: BaseException) -> str:

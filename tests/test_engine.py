@@ -163,3 +163,31 @@ def test_each_family_runs_as_typed_and_names_its_metric(tmp_path, model):
 def test_a_dni_choice_of_another_family_is_one_line(tmp_path, args, fix):
     r = sgrun(*args, "train.steps=2", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and fix in r.stderr, r.stderr
+
+
+def test_ctrl_c_prints_the_command_that_continues_the_run(tmp_path):
+    """The printed command (with resume=<folder>) continues from the checkpoint and finishes."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import time
+
+    args = ["data=synthetic", "device=cpu", "train.steps=3000", "train.eval_every=3000", "hydra.run.dir=run"]
+    env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(["sgrun", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "tb").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-800:]
+    last = err.strip().splitlines()[-1]
+    assert "checkpoint saved" in last and "continue it with: sgrun " in last
+    command = shlex.split(last.split("continue it with: ", 1)[1])
+    assert command[-1] == f"resume={(tmp_path / 'run').resolve()}"
+    r = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "resuming" in r.stderr + r.stdout and "finished in" in r.stdout

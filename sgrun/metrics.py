@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from sgrun.errors import SgrunError
 
 
 class NullWriter:
@@ -47,9 +51,33 @@ class Writer(NullWriter):
         self._tb.close()
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename: never a half-written file."""
+def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
+    """Write ``payload`` through a temporary file (flushed to disk) and a rename: never a half-written
+    file; a full disk or a folder in the way is one line naming the file.  Returns its size and sha256."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SgrunError(f"could not write {path}: {e.strerror or e}: free some space (or move what is in the way) "
+                         "and run the same command again; the run is not marked finished") from None
+    return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+def verify_file(path: Path, record: dict) -> bool:
+    """Whether ``path`` is the file ``record`` (from :func:`write_bytes_atomic`) describes."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == record.get("bytes") and hashlib.sha256(data).hexdigest() == record.get("sha256")
+
+
+def write_json_atomic(path: str | Path, data: dict) -> dict:
+    """Write ``data`` as JSON atomically (:func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -15,8 +15,11 @@ log / eval / checkpoint cadence, the divergence guard and the final metrics.  On
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +35,14 @@ from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
 from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
-from sgrun.metrics import NullWriter, Writer, write_json_atomic
+from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
 
 log = logging.getLogger("sgrun")
 
 SUMMARY = "summary.json"
+MODEL = "model.pt"
+LOCK = ".sgrun.lock"
 
 
 @dataclass
@@ -93,6 +98,44 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     if finished is not None:
         log.info("%s already holds this finished run: nothing to do", out_dir)
         return finished
+    if cfg.get("resume") and not out_dir.is_dir():
+        raise SgrunError(f"resume={out_dir}: no such folder: give the folder of an interrupted run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
+        return _run(cfg, out_dir, config, task_cls, writer)  # under torchrun, rank 0 holds the folder
+    with folder_lock(out_dir):
+        return _run(cfg, out_dir, config, task_cls, writer)
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: Path):
+    """One run per folder: an advisory lock the OS releases when the process dies (a SIGKILLed run
+    leaves no stale lock); a second run on the same folder is one line naming the PID that holds it."""
+    path = out_dir / LOCK
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid = handle.read().strip() or "unknown"
+        handle.close()
+        raise SgrunError(f"{out_dir} is in use by another sgrun run (PID {pid}): wait for it to end, or choose "
+                         "another folder with hydra.run.dir=<dir>") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], writer: NullWriter | None) -> dict:
+    finished = finished_run(config, out_dir)  # another process may have finished it while we waited
+    if finished is not None:
+        return finished
     ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, enabled=cfg.checkpoint.every > 0)
     saved = ckpt.load() if out_dir.exists() else None
     if cfg.get("resume") and saved is None:
@@ -100,7 +143,6 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     if saved is not None and saved["config"] != config:
         raise SgrunError(f"{out_dir} holds a checkpoint of a different run: choose another folder with "
                          "hydra.run.dir=<dir>, or delete its checkpoint.pt to start afresh")
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
     torch.set_flush_denormal(True)
@@ -131,15 +173,23 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         session.writer.hparams(hparams_of(cfg), {k: v for k, v in metrics.items() if k != "history"})
     finally:
         session.writer.close()
+    # The files the summary vouches for come first; the summary, written last, marks the run finished.
+    model_file = write_bytes_atomic(out_dir / MODEL, _saved(model.state_dict()))  # without optimizer state
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
+        "files": {MODEL: model_file},
         "choices": choices_of(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
     })
-    torch.save(model.state_dict(), out_dir / "model.pt")  # the trained model, without optimizer state
     ckpt.clear()
     return metrics
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 @contextlib.contextmanager
@@ -283,14 +333,20 @@ def identity_of(cfg: DictConfig) -> dict:
 def finished_run(config: dict, out_dir: Path) -> dict | None:
     """The metrics of ``out_dir``'s finished run if it is this very config; another run is never overwritten."""
     path = out_dir / SUMMARY
-    if not path.exists():
+    if not path.is_file():
         return None
     try:
         summary = json.loads(path.read_text())
         stored = {k: v for k, v in summary["config"].items() if k not in OPERATIONAL}
         same = stored == config
-    except (ValueError, KeyError, TypeError):
-        same, summary = False, None
+        files = summary.get("files", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        # a summary that cannot be read marks nothing finished: the run is resumed or redone
+        log.warning("%s is unreadable: the run there is not counted as finished", path)
+        return None
+    if same and not all(verify_file(out_dir / name, record) for name, record in files.items()):
+        log.warning("%s lists files that are missing or fail their checksum: the run is redone", path)
+        return None
     if not same:
         raise SgrunError(f"{out_dir} already holds a different finished run: choose another folder with "
                          "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m), or delete that one")

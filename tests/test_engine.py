@@ -191,3 +191,26 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(tmp_path):
     r = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-800:]
     assert "resuming" in r.stderr + r.stdout and "finished in" in r.stdout
+
+
+def test_a_second_run_on_a_locked_folder_is_one_line(tmp_path):
+    from sgrun.train import folder_lock
+
+    with folder_lock(tmp_path):
+        with pytest.raises(SgrunError, match=r"is in use by another sgrun run \(PID \d+\)"):
+            run(make_cfg("data=synthetic", "device=cpu", "profile=smoke"), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_finished_run_vouches_for_its_model_and_a_broken_one_is_redone(tmp_path):
+    import json
+
+    cfg = make_cfg("data=synthetic", "device=cpu", "profile=smoke")
+    first = run(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["files"]["model.pt"]["bytes"] == (tmp_path / "model.pt").stat().st_size
+    (tmp_path / "model.pt").write_bytes(b"truncated")
+    again = run(cfg, tmp_path)  # redone, not reported as finished with a broken model
+    assert again["test_error"] == first["test_error"] and torch.load(tmp_path / "model.pt")
+    (tmp_path / "summary.json").write_text("{not json")
+    assert run(cfg, tmp_path)["test_error"] == first["test_error"]  # a corrupt summary blocks nothing

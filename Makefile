@@ -5,7 +5,7 @@ E ?=
 SEEDS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint bench reproduce report clean
+.PHONY: help install test test-fast lint bench gpu-check reproduce report clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,6 +15,12 @@ install: ## install sgrun (CPU torch pinned by constraints.txt) with the test to
 
 test: ## run the test suite (CPU, no network)
 	$(PYTHON) -m pytest -q
+
+test-fast: ## the edit-test loop: the suite without the tests marked slow
+	$(PYTHON) -m pytest -q -m "not slow"
+
+gpu-check: ## on a CUDA machine: device tests, demo, benchmarks and one paper cell on the GPU (~10 min)
+	PYTHON=$(PYTHON) bash experiments/gpu_check.sh
 
 lint: ## static checks
 	$(PYTHON) -m ruff check sgrun tests experiments

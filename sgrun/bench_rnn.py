@@ -28,21 +28,30 @@ VARIANTS = {
 }
 
 
-def chars_per_second(placement, aux_weight: float, k: int, hidden: int, batch: int, steps: int, warmup: int) -> float:
+def chars_per_second(placement, aux_weight: float, k: int, hidden: int, batch: int, steps: int, warmup: int,
+                     device: str = "cpu") -> float:
     torch.manual_seed(0)
-    model = RecurrentNet(VOCAB, VOCAB, hidden=hidden, token_input=True, placement=placement, aux=aux_weight > 0)
+    model = RecurrentNet(VOCAB, VOCAB, hidden=hidden, token_input=True, placement=placement,
+                         aux=aux_weight > 0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, VOCAB, (warmup + steps + 1, k + 1, batch))  # [blocks, k + 1, B]
-    mask = torch.ones(k, batch)
-    state = model.initial_state(batch)
+    ids = torch.randint(0, VOCAB, (warmup + steps + 1, k + 1, batch), device=device)  # [blocks, k + 1, B]
+    mask = torch.ones(k, batch, device=device)
+    state = model.initial_state(batch, device)
     for i in range(warmup + steps):
         if i == warmup:
+            _sync(device)
             start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         x_next = ids[i + 1, :-1] if model.aux_head is not None else None  # DNI + Aux: the next block's inputs
         state = truncated_step(model, ids[i, :-1], ids[i, 1:], mask, state, lm_step_loss, aux_weight, x_next).state
         opt.step()
+    _sync(device)
     return steps * k * batch / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="timed blocks per method")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args(argv)
     torch.set_flush_denormal(True)  # as in training
     if a.threads:
         torch.set_num_threads(a.threads)
     print(f"LSTM {a.hidden}, k={a.k}, batch {a.batch}, vocabulary {VOCAB}, {a.steps} timed blocks, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    rates = {name: chars_per_second(p, w, a.k, a.hidden, a.batch, a.steps, a.warmup) for name, (p, w) in VARIANTS.items()}
+    rates = {name: chars_per_second(p, w, a.k, a.hidden, a.batch, a.steps, a.warmup, a.device) for name, (p, w) in VARIANTS.items()}
     print(f"{'method':<9}{'chars/s':>10}{'/ BPTT':>9}")
     for name, r in rates.items():
         print(f"{name:<9}{r:>10.0f}{r / rates['BPTT']:>9.2f}")

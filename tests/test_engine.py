@@ -142,6 +142,7 @@ def test_a_key_no_part_of_sgrun_reads_is_refused(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'model.widht'" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["rnn", "hrnn", "cnn"])
 def test_each_family_runs_as_typed_and_names_its_metric(tmp_path, model):
     """`sgrun model=<family>` (here with a few steps) trains on the family's data and prints its
@@ -165,6 +166,7 @@ def test_a_dni_choice_of_another_family_is_one_line(tmp_path, args, fix):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and fix in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_command_that_continues_the_run(tmp_path):
     """The printed command (with resume=<folder>) continues from the checkpoint and finishes."""
     import os

@@ -22,6 +22,8 @@ from sgrun.errors import ConfigError
 from sgrun.pipeline import block_costs, plan_split
 from sgrun.pipeline.stage import full_model
 
+pytestmark = pytest.mark.slow  # several processes per test (make test-fast skips them)
+
 TINY = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=12", "train.eval_every=6",
         "train.batch_size=32", "train.log_every=6", "checkpoint.every=0"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

@@ -16,6 +16,8 @@ from sgrun.errors import SgrunError
 from sgrun.tasks.classification import BatchSampler
 from sgrun.train import run
 
+pytestmark = pytest.mark.slow  # several processes per test (make test-fast skips them)
+
 RUN = ["data=synthetic", "device=cpu", "dni=every_layer", "dni.synthesizer.hidden=32", "train.steps=120",
        "train.batch_size=32", "train.log_every=20", "train.eval_every=40", "optim.lr=1e-3", "checkpoint.every=10"]
 

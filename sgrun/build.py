@@ -32,6 +32,13 @@ FAMILY_DNI = {
 }
 
 
+def check_runtime_family(runtime: str, family: str, model: str) -> None:
+    """The multi-process runtime splits feed-forward nets only."""
+    if runtime == "pipeline" and family != "feedforward":
+        raise ConfigError(f"runtime=pipeline runs feed-forward models (model=fcn|cnn), not model={model}: "
+                          "use runtime=inprocess")
+
+
 def check_family_dni(family: str, model: str, dni: str) -> None:
     """A dni choice made for another model family is one line naming the valid ones."""
     valid = FAMILY_DNI.get(family)

@@ -54,9 +54,8 @@ class ReportFailures(Callback):
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
-    from sgrun.build import (
-        check_family_dni,  # torch imports after Hydra has parsed the command line
-    )
+    # torch is imported after Hydra has parsed the command line
+    from sgrun.build import check_family_dni, check_runtime_family
     from sgrun.tasks import TASKS
     from sgrun.train import run
 
@@ -69,6 +68,7 @@ def _main(cfg: DictConfig) -> float | None:
              "set an existing key; list the valid keys with: sgrun --cfg job")
     if any(o.startswith("dni=") for o in hc.overrides.task):  # a preset's own choice is right by construction
         try:
+            check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
             check_family_dni(cfg.model.family, cfg.model.name, hc.runtime.choices.get("dni"))
         except SgrunError as e:
             fail(str(e))

@@ -52,8 +52,9 @@ def test_no_demo_budget_reaches_a_preset(preset):
     demo = OmegaConf.load(Path(CONF_DIR) / "demo" / f"{cfg.model.name}.yaml")
     text = (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
     preset_cfg = OmegaConf.create(text)
+    unset = object()
     for key in _leaves(demo):
-        assert OmegaConf.select(preset_cfg, key) is not None, f"{preset} does not set {key}"
+        assert OmegaConf.select(preset_cfg, key, default=unset) is not unset, f"{preset} does not set {key}"
 
 
 @pytest.mark.parametrize("preset", PRESETS)

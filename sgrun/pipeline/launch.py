@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sgrun.build import build_images
+from sgrun.build import build_images, check_runtime_family
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import ConfigError, SgrunError
 from sgrun.pipeline.split import plan_split
@@ -39,9 +39,7 @@ def under_torchrun() -> bool:
 def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     """The ``runtime=pipeline`` loop: start the stages (or be one, under torchrun) and return
     rank 0's metrics and the assembled model."""
-    if cfg.model.family != "feedforward":
-        raise ConfigError(f"runtime=pipeline runs feed-forward models (model=fcn|cnn), not model={cfg.model.name}: "
-                          "use runtime=inprocess")
+    check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
     if cfg.dni.mode == "off" and cfg.dni.cuts:
         raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked pipeline, or "
                           "dni.mode=synthetic")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sgrun.dni.interface import interfaces_of
+from sgrun.dni.units import per_example
 
 
 @contextmanager
@@ -77,7 +78,7 @@ def gradient_quality(model: nn.Module,
         h, delta_hat = probes[name]
         if g is None:
             continue
-        true = (g * h.shape[0]).flatten(1)  # per-example units, as the synthesizer predicts
+        true = per_example(g).flatten(1)  # per-example units, as the synthesizer predicts
         pred = delta_hat.flatten(1)
         cos = nn.functional.cosine_similarity(pred, true, dim=1, eps=1e-12).mean()
         mse = (pred - true).pow(2).sum(1).mean()

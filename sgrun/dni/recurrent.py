@@ -351,9 +351,9 @@ def future_gradient_quality(model, state: Tensor, future, k: int, step_loss,
         out = model(future.x[:, :m], s)
         per_step = step_loss(out.logits, future.y[:, :m]) * future.mask[:, :m]  # [horizon, m]
         losses = [b.sum() / b.numel() for b in per_step.split(k)]  # block losses, as in training
-        true = torch.autograd.grad(sum(losses), s, retain_graph=True)[0] * m  # [m, 2H] per stream
+        true = per_example(torch.autograd.grad(sum(losses), s, retain_graph=True)[0])  # [m, 2H] per stream
         discounted = sum(model.scale ** j * loss for j, loss in enumerate(losses))
-        target = torch.autograd.grad(discounted, s)[0] * m
+        target = per_example(torch.autograd.grad(discounted, s)[0])
         with torch.no_grad():
             pred = model.synthesizer(s)
     cos = nn.functional.cosine_similarity(pred, true, dim=1, eps=1e-12).mean()

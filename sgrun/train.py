@@ -337,13 +337,16 @@ def finished_run(config: dict, out_dir: Path) -> dict | None:
         return None
     try:
         summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        # a summary cut short or corrupted marks nothing finished: the run is resumed or redone
+        log.warning("%s is unreadable: the run there is not counted as finished", path)
+        return None
+    try:
         stored = {k: v for k, v in summary["config"].items() if k not in OPERATIONAL}
         same = stored == config
         files = summary.get("files", {})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        # a summary that cannot be read marks nothing finished: the run is resumed or redone
-        log.warning("%s is unreadable: the run there is not counted as finished", path)
-        return None
+    except (KeyError, TypeError, AttributeError):
+        same, files = False, {}  # a summary.json that is not this run's: never written over
     if same and not all(verify_file(out_dir / name, record) for name, record in files.items()):
         log.warning("%s lists files that are missing or fail their checksum: the run is redone", path)
         return None

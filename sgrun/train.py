@@ -274,8 +274,11 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
             skipped += skip_updates(groups, update_prob, update_gen)
             opt.step()
             sched.step()
-            for tag, value in values.items():
-                sums[tag] = sums[tag] + value if tag in sums else value.clone()
+            for tag, value in values.items():  # in place: no new tensor per step
+                if tag in sums:
+                    sums[tag].add_(value)
+                else:
+                    sums[tag] = value.clone()
 
             if logging_step:
                 count = step - tick_step

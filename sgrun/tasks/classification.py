@@ -79,6 +79,7 @@ class Classification(Task):
         self.conditioned = bool(cfg.dni.conditioned) and len(self.model.interfaces) > 0
         self.sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
         self.sg_quality = bool(cfg.train.sg_quality) and len(self.model.interfaces) > 0
+        self.interfaces = interfaces_of(self.model)  # found once: train_step reads their records every step
         self.history: list[tuple[int, float]] = []
 
     def units_per_step(self) -> int:
@@ -86,7 +87,7 @@ class Classification(Task):
 
     def parameter_groups(self):
         # synthesizers and input models (everything in an interface) share the synthesizer learning rate
-        synth = {id(p) for i in interfaces_of(self.model) for p in i.parameters()}
+        synth = {id(p) for i in self.interfaces for p in i.parameters()}
         params = list(self.model.parameters())
         return [p for p in params if id(p) not in synth], [p for p in params if id(p) in synth]
 
@@ -109,7 +110,7 @@ class Classification(Task):
         loss = self.loss_on(x, y)
         loss.backward()  # one backward: model, synthesizers and bootstrapped targets
         values = {"loss/train": loss.detach()}
-        for iface in interfaces_of(self.model):
+        for iface in self.interfaces:
             for name in ("sg_loss", "input_loss"):
                 value = getattr(iface.record, name, None)
                 if value is not None:

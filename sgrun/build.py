@@ -72,7 +72,12 @@ def placement_of(dni: DictConfig) -> Placement | None:
     si = dni.get("synthetic_input")
     inputs = SynthesizerSpec(kind="mlp", hidden=si.hidden, layers=si.layers) if si else None
     return Placement(cuts=tuple(cuts), synthesizer=spec, conditioned=bool(dni.conditioned), mode=dni.mode,
-                     scale=float(dni.scale), synthetic_input=inputs)
+                     scale=float(dni.scale), synthetic_input=inputs,
+                     bootstrap_scale=_optional_float(dni.get("bootstrap_scale")))
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 def build_model(model: DictConfig, consumed: tuple[str, ...] = (), **runtime) -> torch.nn.Module:

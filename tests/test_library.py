@@ -176,6 +176,49 @@ def test_truncated_step_is_the_written_out_algorithm_bit_for_bit(aux, kind):
     assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+@pytest.mark.parametrize("boot", [1.0, 0.0])
+def test_bootstrap_scale_sets_the_targets_factor_and_only_the_target(boot):
+    """dni.bootstrap_scale b: target B (dL/ds0 + b J^T M(s_k) / B); the core still gets scale * M."""
+    x, y, mask, _, state = block()
+    a, b = recurrent_net(), recurrent_net()
+    b.bootstrap_scale = boot
+    ref = truncated_step(a, x, y, mask, state, step_loss)
+    got = truncated_step(b, x, y, mask, state, step_loss)
+    core = [n for n, _ in a.named_parameters() if not n.startswith("synthesizer")]
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[n].grad, pb[n].grad) for n in core)  # the same injection
+    assert torch.equal(ref.delta_start, got.delta_start)  # what arrived at the block start
+    # the target written out: in-block gradient plus boot x the synthetic gradient pulled back
+    s0 = state.detach().requires_grad_(True)
+    out = a(x, s0)
+    (g_in,) = torch.autograd.grad(block_loss(step_loss(out.logits, y), mask), s0, retain_graph=True)
+    with torch.no_grad():
+        m_end = a.synthesizer(out.state)
+    (pulled,) = torch.autograd.grad(out.state, s0, m_end / B)
+    with torch.no_grad():
+        want = (a.synthesizer(state) - B * (g_in + boot * pulled)).pow(2).sum(1).mean()
+    assert torch.allclose(got.sg_loss, want, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got.sg_loss, ref.sg_loss)
+
+
+def test_bootstrap_scale_equal_to_scale_is_the_default_bit_for_bit():
+    x, y, mask, _, state = block()
+    a, b = recurrent_net(), recurrent_net()
+    b.bootstrap_scale = b.scale
+    ref, got = truncated_step(a, x, y, mask, state, step_loss), truncated_step(b, x, y, mask, state, step_loss)
+    assert torch.equal(ref.sg_loss, got.sg_loss)
+    assert all(torch.equal(u, v) for u, v in zip(grads(a), grads(b)))
+
+
+def test_bootstrap_scale_is_refused_outside_the_recurrent_boundary():
+    from sgrun.dni import build_interfaces
+    from sgrun.errors import ConfigError
+
+    placement = Placement(("all",), SynthesizerSpec("linear"), bootstrap_scale=1.0)
+    with pytest.raises(ConfigError, match="bootstrap_scale.*model=rnn"):
+        build_interfaces(placement, {"h1": (4,)})
+
+
 class NetCore(nn.Module):
     """A RecurrentNet seen as a plain core: (x, state) -> (logits, state)."""
 

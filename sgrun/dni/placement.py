@@ -32,6 +32,9 @@ class Placement:
     scale: float = 1.0
     # a synthetic input I(x) at each cut too, predicted from the data input x (complete unlock)
     synthetic_input: SynthesizerSpec | None = None
+    # the factor on the next synthetic gradient in a recurrent synthesizer's bootstrapped target
+    # (None: the injected ``scale``); see sgrun.dni.recurrent
+    bootstrap_scale: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cuts", tuple(self.cuts))
@@ -67,6 +70,9 @@ def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, .
     interfaces = nn.ModuleDict()
     if placement is None:
         return interfaces
+    if placement.bootstrap_scale is not None:
+        raise ConfigError("bootstrap_scale sets the target of a recurrent synthesizer (model=rnn with "
+                          "dni=every_k); remove it here")
     si = placement.synthetic_input
     if si is not None and in_shape is None:
         raise ConfigError("synthetic inputs need the model's input shape (in_shape)")

@@ -32,7 +32,9 @@ of that stream's own; as in :mod:`sgrun.dni.interface`, synthesizers predict the
 gradient ``B * dL/ds`` (their targets do not shrink with the batch) and the injection divides by
 ``B`` again.  Because the target includes the *scaled* injection, the synthesizer learns the future
 gradient with each further block discounted by ``scale`` (0.1 by default):
-``M(s) ~ g_next + scale * J^T M(s')``.
+``M(s) ~ g_next + scale * J^T M(s')``.  ``bootstrap_scale`` gives the target its own factor
+``b`` instead, ``M(s) ~ g_next + b * J^T M(s')`` (``b = 1``: the undiscounted future gradient),
+while the core still receives ``scale * M(s_k)``; it costs one more backward through the block.
 
 Two entry points run the same block (:func:`_truncated_block`):
 
@@ -143,11 +145,13 @@ def _start_gradient(s0: State) -> Tensor:
 
 
 def _truncated_block(run, loss_fn, state: State, synth, scale: float, mode: str, aux=None,
-                     aux_weight: float = 0.0):
+                     aux_weight: float = 0.0, bootstrap_scale: float | None = None):
     """Steps 1-5 of the module docstring for one block, shared by :func:`truncated_step` and
     :class:`RecurrentInterface`.  ``run(s0) -> (outputs, s_k)``, ``loss_fn(outputs) -> L``,
     ``aux(s_k, flat s_k) -> aux loss`` (DNI + Aux) or ``None``; ``synth`` ``None``: plain
-    truncated BPTT.  Returns ``(L, outputs, s_k, delta_start, sg_loss, aux_loss)``, not detached."""
+    truncated BPTT; ``bootstrap_scale``: the factor on ``M(s_k)`` in the synthesizer's target
+    (``None``: the injected one).  Returns ``(L, outputs, s_k, delta_start, sg_loss, aux_loss)``,
+    not detached."""
     n = _parts(state)[0].shape[0]
     # a leaf, detached from the previous block; with DNI its .grad is what arrives at the block
     # start
@@ -165,10 +169,23 @@ def _truncated_block(run, loss_fn, state: State, synth, scale: float, mode: str,
         sg_end = synth(end_flat)  # [B, S], per-stream units
     sg_in = injected(sg_end, scale, n) if mode == "synthetic" else torch.zeros_like(sg_end)
     aux_loss = None if aux is None else aux(end, end_flat)
+    ends = [(e, g) for e, g in zip(_parts(end), _split(sg_in, end)) if e.requires_grad]
+    given = scale if mode == "synthetic" else 0.0
+    extra = 0.0 if bootstrap_scale is None else float(bootstrap_scale) - given
+    pulled = None
+    if extra != 0.0:
+        # the target's own factor on M(s_k): add (bootstrap_scale - given) J^T M(s_k) / B, pulled
+        # back through the block before the main backward frees its graph
+        extra_in = _split(injected(sg_end, extra, n), end)
+        kept = [(e, g) for e, g in zip(_parts(end), extra_in) if e.requires_grad]
+        starts = _parts(s0)
+        grads = torch.autograd.grad([e for e, _ in kept], starts, [g for _, g in kept],
+                                    retain_graph=True, allow_unused=True)
+        pulled = per_example(_flat(tuple(torch.zeros_like(s) if g is None else g
+                                         for s, g in zip(starts, grads))))
 
     # The real loss plus the injected future gradient, in one backward; the reported loss stays
     # `loss`.
-    ends = [(e, g) for e, g in zip(_parts(end), _split(sg_in, end)) if e.requires_grad]
     torch.autograd.backward((loss, *(e for e, _ in ends)), (None, *(g for _, g in ends)),
                             retain_graph=aux_loss is not None)
     # [B, S] in-block gradient + the injection pulled back through the block
@@ -179,7 +196,8 @@ def _truncated_block(run, loss_fn, state: State, synth, scale: float, mode: str,
 
     # Bootstrapped target: the prediction for this state (made at the previous block's end) is
     # regressed on the gradient that has now arrived at it.
-    sg_loss = regression_loss(synth(_flat(s0)) - delta_start)
+    target = delta_start if pulled is None else delta_start + pulled
+    sg_loss = regression_loss(synth(_flat(s0)) - target)
     sg_loss.backward()
     return loss, outputs, end, delta_start, sg_loss, aux_loss
 
@@ -209,7 +227,7 @@ def truncated_step(model, x: Tensor, y: Tensor, mask: Tensor, state: Tensor, ste
 
     loss, out, end, delta_start, sg_loss, aux_loss = _truncated_block(
         run, lambda out: block_loss(step_loss(out.logits, y), mask), state, model.synthesizer,
-        model.scale, model.mode, aux, aux_weight)
+        model.scale, model.mode, aux, aux_weight, getattr(model, "bootstrap_scale", None))
     return Step(loss.detach(), end.detach(), out.logits.detach(), delta_start,
                 None if sg_loss is None else sg_loss.detach(),
                 None if aux_loss is None else aux_loss.detach())
@@ -267,11 +285,13 @@ class RecurrentInterface(nn.Module):
             (run ahead from ``s_k`` on ``x_next`` without gradient); ``None`` for plain DNI.
         aux_weight: weight of the aux loss ``mean_i ||A(s_k)_i - M(s_2k)_i||^2`` in the core's
             objective (0.1, as sgrun's DNI + Aux preset).
+        bootstrap_scale: the factor on ``M(s_k)`` in the synthesizer's bootstrapped target;
+            ``None`` (default): the injected one, ``scale`` (see the module docstring).
     """
 
     def __init__(self, synthesizer: GradientSynthesizer, scale: float = 0.1,
                  mode: str = "synthetic", name: str = "state", aux_head: nn.Module | None = None,
-                 aux_weight: float = 0.1) -> None:
+                 aux_weight: float = 0.1, bootstrap_scale: float | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"interface mode must be one of {', '.join(MODES)} (got {mode!r})")
@@ -279,6 +299,7 @@ class RecurrentInterface(nn.Module):
         self.scale, self.mode, self.name = float(scale), mode, name
         self.aux_head = aux_head
         self.aux_weight = float(aux_weight)
+        self.bootstrap_scale = None if bootstrap_scale is None else float(bootstrap_scale)
 
     def step(self, core: nn.Module, x_block, state: State, loss_fn: Callable[[Any], Tensor],
              x_next=None) -> RecurrentStep:
@@ -307,7 +328,7 @@ class RecurrentInterface(nn.Module):
         synth = None if self.mode == "off" else self.synthesizer
         loss, outputs, end, delta_start, sg_loss, aux_loss = _truncated_block(
             lambda s0: core(x_block, s0), loss_fn, state, synth, self.scale, self.mode, aux,
-            self.aux_weight)
+            self.aux_weight, self.bootstrap_scale)
         return RecurrentStep(loss.detach(), _detached(end), _detached(outputs), delta_start,
                              None if sg_loss is None else sg_loss.detach(),
                              None if aux_loss is None else aux_loss.detach())

@@ -80,7 +80,7 @@ class RecurrentNet(nn.Module):
         self.head = nn.Linear(hidden, output_size)
 
         self.synthesizer: GradientSynthesizer | None = None
-        self.scale, self.mode = 0.0, "off"
+        self.scale, self.mode, self.bootstrap_scale = 0.0, "off", None
         if placement is not None and placement.mode != "off":
             if placement.conditioned:
                 raise ConfigError("a recurrent net has no label to condition its synthesizer on (cDNI): "
@@ -90,6 +90,7 @@ class RecurrentNet(nn.Module):
             # its last layer starts at zero, so training starts as plain truncated BPTT.
             self.synthesizer = build_synthesizer(placement.synthesizer, (self.state_size,))
             self.scale, self.mode = float(placement.scale), placement.mode
+            self.bootstrap_scale = placement.bootstrap_scale
         self.aux_head: nn.Linear | None = None
         if aux:
             if self.synthesizer is None:

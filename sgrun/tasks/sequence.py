@@ -33,6 +33,7 @@ from sgrun.data.copy_task import bit_errors
 from sgrun.data.ptb import bits_per_char, iterate_eval
 from sgrun.data.tasks import Block, StreamTask
 from sgrun.dni.recurrent import future_gradient_quality, truncated_step
+from sgrun.errors import ConfigError
 from sgrun.tasks.base import Task
 
 log = logging.getLogger("sgrun")
@@ -122,6 +123,16 @@ class Sequence(Task):
         self.eval_block = int(cfg.data.get("eval_block", EVAL_BLOCK))
         self.eval_chars = cfg.data.get("eval_chars") or None  # characters of valid / test (PTB)
         self.patience = t.get("patience")
+        # the copy tasks stop once their curriculum has not advanced for this many episodes (a
+        # plateau); train.steps stays the hard cap
+        self.plateau = t.get("plateau_samples")
+        if self.plateau is not None:
+            if not self.is_copy:
+                raise ConfigError("train.plateau_samples stops a copy task's curriculum; PTB stops early on "
+                                  "validation BPC: use train.patience")
+            if not (isinstance(self.plateau, int) and self.plateau >= 1):
+                raise ConfigError(f"train.plateau_samples must be a whole number of episodes >= 1 (got "
+                                  f"{self.plateau!r}), or null for no plateau rule")
         self.state = self.model.initial_state(self.batch_size, device)
         self.history: list[tuple] = []
         self.best = {"bpc": math.inf, "step": 0, "params": None, "stale": 0}
@@ -192,7 +203,20 @@ class Sequence(Task):
                 log.info("step %d: no better validation BPC in %d evaluations: stopping early", step, self.patience)
         return {"bpc/valid": bpc}
 
+    def last_growth(self) -> int:
+        """Episodes seen when the curriculum last advanced (N, or R in Repeat Copy; 0 before the
+        first solved level)."""
+        return self.history[-1][1] if self.history else 0
+
+    def plateau_reached(self) -> bool:
+        return self.plateau is not None and self.stream.samples_seen - self.last_growth() >= self.plateau
+
     def should_stop(self) -> bool:
+        if self.is_copy and self.plateau_reached():
+            if not self.stopped_early:
+                log.info("step %d: the curriculum (largest N %d) has not advanced in %d episodes "
+                         "(train.plateau_samples): stopping", self.step, self.stream.level, self.stream.samples_seen - self.last_growth())
+            self.stopped_early = True
         return self.stopped_early
 
     def state_dict(self) -> dict:
@@ -209,8 +233,17 @@ class Sequence(Task):
         task = self.stream
         metrics: dict = {"steps": steps, "samples_seen": task.samples_seen, "k": self.k, "history": self.history}
         if self.is_copy:
+            # the time dependency of each solved level: N * R output steps after reading N items,
+            # in an episode of 2N + 1 (Copy) or N + 1 + N * R + 1 steps (Repeat Copy)
+            solved = [(h[2], h[3]) for h in self.history]
             metrics.update({"largest_n": task.level, "largest_r": (task.solved or (0, 0))[1],
+                            "largest_nr": max((n * r for n, r in solved), default=0),
+                            "largest_length": max((n + 1 + n * r + (1 if task.repeat else 0)
+                                                   for n, r in solved), default=0),
+                            "samples_at_largest": self.last_growth(),
                             "primary": -float(task.level)})
+            if self.plateau is not None:
+                metrics["plateau_reached"] = self.plateau_reached()
             return metrics
         self.model.load_state_dict(self.best["params"])
         bpc_test = evaluate_bpc(self.model, self.chars.test[:self.eval_chars], self.eval_batch, self.eval_block,

@@ -441,3 +441,24 @@ def test_bench_prints_the_table(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "BPTT" in out and "DNI" in out and "DNI/BPTT" in out
+
+
+
+def test_plateau_rule_stops_a_copy_run_whose_curriculum_stopped(tmp_path):
+    """train.plateau_samples: a run stops once its curriculum has not advanced for that many
+    episodes, before the step cap, and says so in its metrics."""
+    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3", "train.steps=400",
+                         "train.plateau_samples=40", "train.sg_quality=false")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["plateau_reached"] is True
+    assert metrics["steps"] < 400
+    assert metrics["samples_seen"] - metrics["samples_at_largest"] >= 40
+    capped = run(compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3",
+                                "train.steps=20", "train.sg_quality=false"), tmp_path / "capped")
+    assert capped["steps"] == 20 and capped["plateau_reached"] is False
+
+
+def test_plateau_rule_is_refused_for_ptb(tiny_ptb):
+    cfg = compose_preset("table1_ptb", "profile=smoke", "+train.plateau_samples=5", ptb=tiny_ptb)
+    with pytest.raises(ConfigError, match="plateau_samples.*patience"):
+        sequence_task.Sequence(cfg, torch.device("cpu"))

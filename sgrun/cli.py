@@ -7,6 +7,7 @@ job is recorded in its folder (``FAILED``) and the sweep goes on; the command th
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import shlex
@@ -64,8 +65,9 @@ def _main(cfg: DictConfig) -> float | None:
     added = [key for key in (o.split("=", 1)[0] for o in hc.overrides.task if o.startswith("+") and o[1:2] != "+")
              if ".options." not in key and not key.startswith("+data.image_options.")]
     if added:
-        fail(f"sgrun reads no key {added[0][1:]!r} (a '+' adds a key that no part of sgrun uses): drop the '+' to "
-             "set an existing key; list the valid keys with: sgrun --cfg job")
+        key = added[0][1:]
+        fail(f"sgrun reads no key {key!r} (a '+' adds a key that no part of sgrun uses): "
+             + nearest_key(cfg, key) + "list the valid keys with: sgrun --cfg job")
     if any(o.startswith("dni=") for o in hc.overrides.task):  # a preset's own choice is right by construction
         try:
             check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
@@ -104,6 +106,22 @@ def _main(cfg: DictConfig) -> float | None:
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: {task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
     return value
+
+
+def nearest_key(cfg: DictConfig, key: str) -> str:
+    """"did you mean <key>? " for the existing key closest to ``key`` (same group first), or ""."""
+    def leaves(node, prefix=""):
+        for k, v in node.items_ex(resolve=False) if isinstance(node, DictConfig) else ():
+            path = f"{prefix}{k}"
+            if isinstance(v, DictConfig):
+                yield from leaves(v, path + ".")
+            else:
+                yield path
+    keys = [k for k in leaves(cfg) if k != key]
+    group = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    near = (difflib.get_close_matches(key, [k for k in keys if k.startswith(group)], n=1, cutoff=0.6)
+            or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
+    return f"did you mean {near[0]}? (set it without the '+'); " if near else ""
 
 
 def continue_hint(out_dir: Path, multirun: bool, hc) -> str:

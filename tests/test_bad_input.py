@@ -24,6 +24,11 @@ CASES = {
     "cut that does not exist": (["dni=every_layer", "dni.cuts=[h9]"], ["h9", "valid cuts are h1, h2"]),
     "two-timescale T of zero": (["experiment=two_timescale", "model.T=0"], ["model.T", ">= 1"]),
     "missing dataset": (["data=mnist", "data.download=false"], ["MNIST not found", "train-images-idx3-ubyte"]),
+    "'+' addition with a typo": (["+model.hiden=3"], ["'model.hiden'", "did you mean model.hidden?"]),
+    "'+' addition of a key nothing reads": (["+foo=1"], ["no key 'foo'", "sgrun --cfg job"]),
+    "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be > 0 and finite", "optim.lr="]),
+    "NaN update_prob": (["train.update_prob=nan"], ["train.update_prob"]),
+    "every_k on a feed-forward net": (["dni=every_k"], ["dni=every_k is for model=rnn", "dni=cdni"]),
 }
 
 
@@ -68,6 +73,13 @@ def test_unwritable_output_folder(tmp_path):
     locked.mkdir(mode=0o500)
     r = sgrun(*SMOKE, f"hydra.run.dir={locked}/run", cwd=tmp_path)
     assert_one_line_error(r, ["cannot write", "hydra.run.dir="])
+
+
+def test_data_dir_that_is_a_file_names_data_dir_not_the_output_folder(tmp_path):
+    (tmp_path / "afile").write_text("x\n")
+    r = sgrun("data=mnist", "train.steps=2", "data_dir=afile", "hydra.run.dir=new", cwd=tmp_path)
+    assert_one_line_error(r, ["afile is a file, not a folder", "data_dir="])
+    assert "hydra.run.dir" not in r.stderr
 
 
 def test_output_folder_that_is_a_file(tmp_path):

@@ -493,3 +493,36 @@ def test_unknown_option(tmp_path):
     assert "size" in message and "num_train" in message
     with pytest.raises(ConfigError, match="data_batch_1"):
         load_images("cifar10", tmp_path, checksums={"batch_9": "0"})
+
+
+# -- a file where a folder belongs, and the reverse: named as such, never "not found" -------------
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_data_dir_that_is_a_file(tmp_path, name):
+    (tmp_path / "data").write_text("a file\n")
+    with pytest.raises(DataError, match=r"data is a file, not a folder: set data_dir="):
+        load_images(name, tmp_path / "data", download=True)
+    assert (tmp_path / "data").read_text() == "a file\n"
+
+
+def test_dataset_folder_that_is_a_file(tmp_path):
+    (tmp_path / "mnist").write_text("a file\n")
+    with pytest.raises(DataError, match=r"mnist is a file, not a folder"):
+        load_images("mnist", tmp_path, download=True)
+
+
+def test_dataset_file_that_is_a_folder_is_not_fetched_over(tmp_path):
+    write_mnist(tmp_path, mnist_arrays())
+    target = tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is a folder, not the dataset file"):
+        load_images("mnist", tmp_path, download=True)
+    assert target.is_dir()
+
+
+def test_cifar10_batch_that_is_a_folder(tmp_path):
+    (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"data_batch_1 is a folder"):
+        load_images("cifar10", tmp_path, download=False)

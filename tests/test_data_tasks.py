@@ -457,3 +457,27 @@ def test_bits_per_char_by_hand():
     assert bits_per_char(nll, 7) == pytest.approx(math.log2(50))
     # Two symbols predicted with p = 1/2 and p = 1/4: (1 + 2) bits / 2 symbols.
     assert bits_per_char(math.log(2) + math.log(4), 2) == pytest.approx(1.5)
+
+
+def test_ptb_text_that_is_not_utf8(tmp_path):
+    """A text file with the right checksum but bytes that are not UTF-8: one line naming it."""
+    sums = write_tiny(tmp_path)
+    bad = b" a \xff b \n"
+    (tmp_path / "ptb" / "ptb.valid.txt").write_bytes(bad)
+    sums["valid"] = hashlib.md5(bad).hexdigest()
+    with pytest.raises(DataError, match=r"ptb.valid.txt is not UTF-8 text \(byte 3"):
+        load_ptb_chars(tmp_path, download=False, checksums=sums)
+
+
+def test_ptb_split_that_is_a_folder(tmp_path):
+    sums = write_tiny(tmp_path)
+    (tmp_path / "ptb" / "ptb.test.txt").unlink()
+    (tmp_path / "ptb" / "ptb.test.txt").mkdir()
+    with pytest.raises(DataError, match=r"ptb.test.txt is a folder"):
+        load_ptb_chars(tmp_path, download=True, checksums=sums)
+
+
+def test_ptb_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "d").write_text("x")
+    with pytest.raises(DataError, match=r"d is a file, not a folder: set data_dir="):
+        load_ptb_chars(tmp_path / "d", download=True)

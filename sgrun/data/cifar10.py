@@ -47,7 +47,7 @@ def load_cifar10(data_dir: str | Path, download: bool = True, checksums: dict[st
     names or the archive name) overrides the official md5s. Raises
     :class:`~sgrun.errors.DataError` when batches are missing, corrupt or malformed.
     """
-    root = Path(data_dir) / "cifar10"
+    root = fetch.dataset_folder(data_dir, "cifar10")
     folder = root / BATCH_FOLDER
     md5s = fetch.with_overrides("CIFAR-10", {**BATCHES, ARCHIVE: ARCHIVE_MD5}, checksums)
 
@@ -125,7 +125,7 @@ def read_batch(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _missing(folder: Path) -> list[str]:
-    return [name for name in BATCHES if not (folder / name).is_file()]
+    return [name for name in BATCHES if not fetch.present(folder / name)]
 
 
 def _members(folder: Path, missing: list[str], md5s: dict[str, str]) -> dict:

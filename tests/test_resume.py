@@ -104,8 +104,14 @@ def test_no_intact_checkpoint_is_one_clear_error_and_touches_nothing(tmp_path):
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     code, _ = start_and_stop(tmp_path, signal.SIGKILL, after_checkpoints=1)
+    before = (tmp_path / "run" / ck.NAME).read_bytes()
     r = sgrun(*RUN, "seed=7", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 2 and "checkpoint of a different run" in r.stderr
+    assert r.returncode == 2 and "checkpoint of a run with another config (seed: 0 -> 7)" in r.stderr
+    assert "delete" not in r.stderr  # deleting would destroy the interrupted run
+    r = sgrun(*RUN, "seed=7", f"resume={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2 and "changes the interrupted run's config (seed: 0 -> 7)" in r.stderr
+    assert "delete" not in r.stderr and "drop resume=" in r.stderr
+    assert (tmp_path / "run" / ck.NAME).read_bytes() == before
 
 
 def test_resume_of_a_folder_without_checkpoint(tmp_path):
@@ -123,8 +129,9 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck.os, "fsync", no_space)
-    with pytest.raises(SgrunError, match="could not write checkpoint .*No space left.*previous checkpoint is kept"):
-        ck.write_checkpoint(path, {"step": 2})
+    with pytest.raises(SgrunError, match=r"could not write checkpoint .*No space left.*the last good "
+                                         r"checkpoint \(step 1\) is kept.*resume="):
+        ck.write_checkpoint(path, {"step": 2}, kept_step=1)
     assert path.read_bytes() == good
     assert not path.with_name(path.name + ".tmp").exists()
     assert ck.read_checkpoint(path) == {"step": 1}
@@ -153,3 +160,16 @@ def test_same_seed_same_result_in_process(tmp_path):
     assert a["history"] == b["history"]
     sa, sb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpointer_names_the_step_of_the_checkpoint_it_kept(tmp_path, monkeypatch):
+    c = ck.Checkpointer(tmp_path, every=2)
+    c.step_done(2, 10, lambda: {"loop": {"step": 2}})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.os, "fsync", no_space)
+    with pytest.raises(SgrunError, match=r"\(step 2\) is kept: free some space, then continue"):
+        c.step_done(4, 10, lambda: {"loop": {"step": 4}})
+    assert ck.read_checkpoint(tmp_path / ck.NAME) == {"loop": {"step": 2}}

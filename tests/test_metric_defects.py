@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import struct
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from clirun import sgrun
 from configs import make_cfg
 from torch import nn
 
@@ -438,3 +440,23 @@ def test_two_timescale_evaluate_reads_the_test_images(tmp_path, monkeypatch):
     inputs.clear()
     task.train_step(task.next_batch())
     assert inputs and all(bool((rows_in(x, train_x) >= 0).all()) for x in inputs)
+
+
+@pytest.mark.slow
+def test_pipeline_test_error_is_measured_on_the_same_images_as_in_process(tmp_path):
+    """Catches the pipeline runtime measuring its test error on other images than the in-process
+    run of the same config (``data.test_limit`` ignored): a one-stage pipeline is the in-process
+    run, so its test errors must be the same, on the first 5 test images (multiples of 20 %)."""
+    common = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=4",
+              "train.eval_every=2", "train.log_every=2", "train.batch_size=16", "checkpoint.every=0", "dni=every_layer",
+              "model.hidden=16", "data.options.num_train=64", "data.options.num_test=64",
+              "data.options.shape=[1,8,8]", "data.test_limit=5", "runtime.threads=1"]
+    histories = []
+    for name, extra in (("in", []), ("pipe", ["runtime=pipeline", "runtime.stages=1"])):
+        done = sgrun(*common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                     env={"OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        summary = (tmp_path / name / "summary.json").read_text()
+        histories.append(json.loads(summary)["metrics"]["history"])
+    assert histories[0] == histories[1]
+    assert all(err % 20.0 == 0 for _, err in histories[0])

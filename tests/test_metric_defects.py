@@ -448,8 +448,9 @@ def test_pipeline_test_error_is_measured_on_the_same_images_as_in_process(tmp_pa
     run of the same config (``data.test_limit`` ignored): a one-stage pipeline is the in-process
     run, so its test errors must be the same, on the first 5 test images (multiples of 20 %)."""
     common = ["data=synthetic", "device=cpu", "profile=paper", "train.steps=4",
-              "train.eval_every=2", "train.log_every=2", "train.batch_size=16", "checkpoint.every=0", "dni=every_layer",
-              "model.hidden=16", "data.options.num_train=64", "data.options.num_test=64",
+              "train.eval_every=2", "train.log_every=2", "train.batch_size=16",
+              "checkpoint.every=0", "dni=every_layer", "model.hidden=16",
+              "data.options.num_train=64", "data.options.num_test=64",
               "data.options.shape=[1,8,8]", "data.test_limit=5", "runtime.threads=1"]
     histories = []
     for name, extra in (("in", []), ("pipe", ["runtime=pipeline", "runtime.stages=1"])):

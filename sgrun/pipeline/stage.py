@@ -32,7 +32,7 @@ from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import Writer
 from sgrun.pipeline.split import Split, plan_split
-from sgrun.tasks.classification import BatchSampler, classification_error
+from sgrun.tasks.classification import BatchSampler, classification_error, evaluation_split
 
 log = logging.getLogger("sgrun")
 
@@ -366,7 +366,7 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                     for part in gathered:
                         state.update(part[0])
                     model.load_state_dict(state)
-                    err = classification_error(model, data.test_x, data.test_y, device)
+                    err = classification_error(model, *evaluation_split(cfg, data), device)
                     history.append((step, err))
                     seconds.append(round(max(p[2] for p in gathered), 3))
                     rate = step * stage.batch / max(seconds[-1], 1e-9)

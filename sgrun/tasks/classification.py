@@ -48,6 +48,12 @@ class BatchSampler:
         self.order, self.pos = state["order"], state["pos"]
 
 
+def evaluation_split(cfg: DictConfig, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels evaluated: the first ``data.test_limit`` (smoke), or all."""
+    limit = cfg.data.get("test_limit")
+    return (data.test_x[:limit], data.test_y[:limit]) if limit else (data.test_x, data.test_y)
+
+
 @torch.no_grad()
 def classification_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                          batch: int = 2000) -> float:
@@ -71,8 +77,7 @@ class Classification(Task):
     def __init__(self, cfg: DictConfig, device: torch.device) -> None:
         self.device = device
         self.data = data = build_images(cfg)
-        limit = cfg.data.get("test_limit")  # evaluate on the first N test images (profile=smoke)
-        self.test_x, self.test_y = (data.test_x[:limit], data.test_y[:limit]) if limit else (data.test_x, data.test_y)
+        self.test_x, self.test_y = evaluation_split(cfg, data)
         self.model = build_model(cfg.model, in_shape=data.shape, num_classes=data.num_classes,
                                  placement=placement_of(cfg.dni)).to(device)
         # cDNI (sec. 3.3): the synthesizers also see the one-hot label

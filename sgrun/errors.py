@@ -16,3 +16,8 @@ class ConfigError(SgrunError, ValueError):
 
 class DataError(SgrunError):
     """A dataset that is missing, truncated or fails its checksum."""
+
+
+class OutputWriteError(SgrunError):
+    """A run's output (events, model, summary) could not be written, e.g. on a full disk; the
+    engine adds what is kept and how to continue."""

@@ -6,10 +6,11 @@ import hashlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
-from sgrun.errors import SgrunError
+from sgrun.errors import OutputWriteError
 
 
 class NullWriter:
@@ -35,20 +36,45 @@ class Writer(NullWriter):
     def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        _quiet_event_threads()
         self.log_dir = Path(log_dir)
-        self._tb = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+        self._tb = self._guarded(SummaryWriter, log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def _guarded(self, fn, *args, **kwargs):
+        # TensorBoard writes from a thread of its own and hands its error to the next call: a full
+        # disk or a broken folder becomes one OutputWriteError naming the folder
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            raise OutputWriteError(f"could not write the TensorBoard events in {self.log_dir}: "
+                                   f"{e.strerror or e}") from None
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self._tb.add_scalar(tag, float(value), step)
+        self._guarded(self._tb.add_scalar, tag, float(value), step)
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         # written into the run's own folder so that TensorBoard's HParams tab lists one row per run
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self._tb.add_hparams(clean, finite, run_name=".")
+        self._guarded(self._tb.add_hparams, clean, finite, run_name=".")
 
     def close(self) -> None:
-        self._tb.close()
+        self._guarded(self._tb.close)
+
+
+_default_excepthook = threading.excepthook
+
+
+def _quiet_event_threads() -> None:
+    """TensorBoard's writer thread re-raises its error in the thread that writes next (see
+    :class:`Writer`); its own traceback on stderr would only repeat it, so it is not printed."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    def hook(args) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            _default_excepthook(args)
+
+    threading.excepthook = hook
 
 
 def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
@@ -64,8 +90,7 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SgrunError(f"could not write {path}: {e.strerror or e}: free some space (or move what is in the way) "
-                         "and run the same command again; the run is not marked finished") from None
+        raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
     return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 

@@ -33,7 +33,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sgrun.build import build_optimizer, check_family_data, device_of
 from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
-from sgrun.errors import ConfigError, SgrunError
+from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
@@ -158,6 +158,18 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
         set_rng_state(saved["rng"])
         session.resumed, session.minutes_before = saved["loop"], saved["minutes"]
         log.info("resuming %s from step %d", out_dir, saved["loop"]["step"])
+    try:
+        return _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device)
+    except OutputWriteError as e:
+        if ckpt.last_step is not None:
+            then = (f"the last good checkpoint (step {ckpt.last_step}) is kept: free some space, then continue "
+                    f"the run with resume={out_dir}")
+        else:
+            then = "no checkpoint had been written yet: free some space and run the command again"
+        raise OutputWriteError(f"{e}; {then} (the run is not marked finished)") from None
+
+
+def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device) -> dict:
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:

@@ -177,3 +177,41 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path):
                               "no earlier checkpoint exists"])
     assert "kept" not in r.stderr
     assert not (folder / "checkpoint.pt").exists() and not (folder / "summary.json").exists()
+
+
+FULL_DISK_AFTER = """
+import errno
+from tensorboard.summary.writer import record_writer
+real, calls = record_writer.RecordWriter.write, [0]
+def write(self, data):
+    calls[0] += 1
+    if calls[0] > {after}:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, data)
+record_writer.RecordWriter.write = write
+"""
+
+
+@pytest.mark.parametrize("after", [1, 60])
+def test_disk_full_while_tensorboard_writes(tmp_path, after):
+    """The disk fills while TensorBoard's own thread writes events: one line naming the folder and
+    what is kept (a checkpoint only if one was written), no thread traceback, and the run continues
+    with the command it names once there is space again."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FULL_DISK_AFTER.format(after=after))
+    run = ["train.steps=40", "train.log_every=1", "checkpoint.every=5", "hydra.run.dir=new"]
+    r = sgrun(*SMOKE, *run, cwd=tmp_path, env={"PYTHONPATH": str(hook)})
+    assert "Exception in thread" not in r.stderr
+    assert_one_line_error(r, ["could not write the TensorBoard events in ", "new/tb: No space left on device",
+                              "not marked finished"])
+    assert not (tmp_path / "new" / "summary.json").exists()
+    if after == 1:
+        assert "no checkpoint had been written yet" in r.stderr and "kept" not in r.stderr
+        return
+    step = int(r.stderr.split("(step ")[1].split(")")[0])
+    assert step > 0 and step % 5 == 0
+    assert f"resume={(tmp_path / 'new').resolve()}" in r.stderr
+    again = sgrun(*SMOKE, *run[:-1], f"resume={(tmp_path / 'new').resolve()}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "new" / "summary.json").exists()

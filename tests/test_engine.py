@@ -50,11 +50,19 @@ def test_no_demo_budget_reaches_a_preset(preset):
     paper profile of a preset is the preset's own (the demo file comes first in the defaults list)."""
     cfg = make_cfg(f"experiment={preset}")
     demo = OmegaConf.load(Path(CONF_DIR) / "demo" / f"{cfg.model.name}.yaml")
-    text = (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
-    preset_cfg = OmegaConf.create(text)
     unset = object()
     for key in _leaves(demo):
-        assert OmegaConf.select(preset_cfg, key, default=unset) is not unset, f"{preset} does not set {key}"
+        assert any(OmegaConf.select(part, key, default=unset) is not unset for part in _preset_files(preset)), \
+            f"{preset} does not set {key}"
+
+
+def _preset_files(preset: str):
+    """A preset's own file and the presets it includes through its defaults list."""
+    part = OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{preset}.yaml")
+    yield part
+    for entry in part.get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_":
+            yield from _preset_files(entry)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

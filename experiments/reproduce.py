@@ -37,6 +37,9 @@ from pathlib import Path
 from report import REFERENCE, ROOT, load_reference, paper_presets, shown
 from rundirs import FAILED, Run, dataset_missing, first_line, load_run
 
+from sgrun.errors import SgrunError
+from sgrun.locks import folder_lock
+
 STOP_GRACE_SECONDS = 10  # for the running job to write its checkpoint when we are interrupted
 
 
@@ -155,6 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must be at least 1 (got {args.seeds})")
 
     pattern = load_reference(REFERENCE)["dataset_missing"]
+    if args.dry_run:
+        return reproduce_all(chosen, args, extra, pattern)
+    profile_dir = Path(args.runs) / args.profile
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(profile_dir, what="another make reproduce",
+                         fix="give this one another folder with --runs (RUNS= for make)"):
+            return reproduce_all(chosen, args, extra, pattern)
+    except SgrunError as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 2
+
+
+def reproduce_all(chosen: list[str], args, extra: list[str], pattern: str) -> int:
     print(f"reproduce: {len(chosen)} preset(s), profile {args.profile}, seeds 0..{args.seeds - 1}, "
           f"runs in {shown(Path(args.runs) / args.profile)}/", flush=True)
     start, status = time.time(), 0

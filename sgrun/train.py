@@ -15,7 +15,6 @@ log / eval / checkpoint cadence, the divergence guard and the final metrics.  On
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
 from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.guard import check_finite
+from sgrun.locks import folder_lock
 from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
 
@@ -42,7 +42,6 @@ log = logging.getLogger("sgrun")
 
 SUMMARY = "summary.json"
 MODEL = "model.pt"
-LOCK = ".sgrun.lock"
 
 
 @dataclass
@@ -105,31 +104,6 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         return _run(cfg, out_dir, config, task_cls, writer)  # under torchrun, rank 0 holds the folder
     with folder_lock(out_dir):
         return _run(cfg, out_dir, config, task_cls, writer)
-
-
-@contextlib.contextmanager
-def folder_lock(out_dir: Path):
-    """One run per folder: an advisory lock the OS releases when the process dies (a SIGKILLed run
-    leaves no stale lock); a second run on the same folder is one line naming the PID that holds it."""
-    path = out_dir / LOCK
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        pid = handle.read().strip() or "unknown"
-        handle.close()
-        raise SgrunError(f"{out_dir} is in use by another sgrun run (PID {pid}): wait for it to end, or choose "
-                         "another folder with hydra.run.dir=<dir>") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], writer: NullWriter | None) -> dict:

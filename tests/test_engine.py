@@ -2,6 +2,8 @@
 honoured or refused, one progress bar and one divergence guard."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,12 +207,51 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(tmp_path):
 
 
 def test_a_second_run_on_a_locked_folder_is_one_line(tmp_path):
-    from sgrun.train import folder_lock
+    from sgrun.locks import folder_lock
 
     with folder_lock(tmp_path):
         with pytest.raises(SgrunError, match=r"is in use by another sgrun run \(PID \d+\)"):
             run(make_cfg("data=synthetic", "device=cpu", "profile=smoke"), tmp_path)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_second_reproduce_on_the_same_runs_folder_is_one_line(tmp_path, capsys):
+    import sys
+
+    from sgrun.locks import folder_lock
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    import reproduce
+
+    (tmp_path / "smoke").mkdir()
+    with folder_lock(tmp_path / "smoke"):
+        code = reproduce.main(["--profile", "smoke", "--only", "mnist_fcn", "--runs", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert re.search(r"smoke is in use by another make reproduce \(PID \d+\).*--runs", err[0])
+    assert not (tmp_path / "smoke" / "mnist_fcn").exists()
+
+
+def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
+    """A SIGKILLed holder leaves no stale lock: the OS releases it with the process."""
+    import signal
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from sgrun.locks import folder_lock\n"
+        "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    from sgrun.locks import folder_lock
+
+    with pytest.raises(SgrunError, match=f"PID {holder.pid}"):
+        with folder_lock(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    with folder_lock(tmp_path):
+        pass
 
 
 def test_a_finished_run_vouches_for_its_model_and_a_broken_one_is_redone(tmp_path):

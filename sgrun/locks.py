@@ -7,7 +7,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from sgrun.errors import SgrunError
 
@@ -36,3 +40,29 @@ def folder_lock(folder: Path, what: str = "another sgrun run",
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+class SweepLock(Callback):
+    """A sweep (``sgrun -m``) holds its sweep folder from start to end, whichever launcher runs its
+    jobs; each job holds its own folder too.  A second sweep into the same folder is one line."""
+
+    def __init__(self) -> None:
+        self._held: contextlib.ExitStack | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(folder_lock(folder, what="another sgrun sweep",
+                                            fix="choose another folder with hydra.sweep.dir=<dir>"))
+        except SgrunError as e:
+            # Hydra turns a callback's exception into a warning and goes on: stop here instead
+            sys.stderr.write(f"sgrun: error: {e}\n")
+            raise SystemExit(2) from None
+        self._held = stack
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None

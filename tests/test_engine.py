@@ -232,6 +232,20 @@ def test_a_second_reproduce_on_the_same_runs_folder_is_one_line(tmp_path, capsys
     assert not (tmp_path / "smoke" / "mnist_fcn").exists()
 
 
+def test_a_second_sweep_into_a_held_sweep_folder_is_one_line(tmp_path):
+    from sgrun.locks import folder_lock
+
+    (tmp_path / "sweep").mkdir()
+    with folder_lock(tmp_path / "sweep"):
+        r = sgrun("-m", "data=synthetic", "profile=smoke", "device=cpu", "seed=0,1", "hydra.sweep.dir=sweep",
+                  cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(r"sweep is in use by another sgrun sweep \(PID \d+\).*hydra.sweep.dir",
+                                         lines[0])
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [".sgrun.lock"]  # no job ran
+
+
 def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     """A SIGKILLed holder leaves no stale lock: the OS releases it with the process."""
     import signal

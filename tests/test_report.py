@@ -6,6 +6,7 @@ real ``sgrun`` through ``experiments/reproduce.py`` on a generated dataset.
 """
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import report  # noqa: E402
 import reproduce  # noqa: E402
+import stats  # noqa: E402
 from rundirs import load_run, load_runs  # noqa: E402
 from tables import Table  # noqa: E402
 
@@ -312,3 +314,57 @@ def test_launchers_compose():
     assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "cpu"
     assert slurm.timeout_min > 0 and slurm.cpus_per_task >= 1
     assert slurm.setup == [f"export OMP_NUM_THREADS={slurm.cpus_per_task}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+
+
+def t_density(x: float, df: float) -> float:
+    front = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(front - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def integrated_p(t: float, df: float, intervals: int = 20_000) -> float:
+    """Two-sided p of Student's t by Simpson's rule on the density: 1 - 2 * integral over [0, |t|]."""
+    h = abs(t) / intervals
+    inner = sum((4 if i % 2 else 2) * t_density(i * h, df) for i in range(1, intervals))
+    area = h / 3 * (t_density(0.0, df) + inner + t_density(abs(t), df))
+    return 1 - 2 * area
+
+
+@pytest.mark.parametrize("t,df", [(2.0, 10), (-2.0, 10), (1.0, 1), (3.0, 2), (0.5, 3.7),
+                                  (4.04, 4.96), (2.5, 30), (6.0, 2.2), (0.01, 8)])
+def test_student_t_p_values_match_the_integrated_density(t, df):
+    assert stats.t_two_sided_p(t, df) == pytest.approx(integrated_p(t, df), abs=1e-9)
+
+
+def test_student_t_closed_forms_and_a_table_value():
+    assert stats.t_two_sided_p(2.0, 10) == pytest.approx(0.0734, abs=5e-5)  # the textbook value
+    for t in (0.3, 1.0, 7.0):
+        assert stats.t_two_sided_p(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi)  # Cauchy
+        assert stats.t_two_sided_p(t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t))
+    assert stats.t_two_sided_p(0.0, 5) == 1.0 and stats.t_two_sided_p(math.inf, 5) == 0.0
+    assert stats.t_cdf(-2.0, 10) == pytest.approx(integrated_p(2.0, 10) / 2, abs=1e-9)
+    assert stats.t_cdf(2.0, 10) == pytest.approx(1 - integrated_p(2.0, 10) / 2, abs=1e-9)
+    # many degrees of freedom: the normal distribution's 1.96
+    assert stats.t_two_sided_p(1.959964, 1e7) == pytest.approx(0.05, abs=1e-5)
+
+
+def test_welch_statistic_and_degrees_of_freedom():
+    # by hand: means 2 and 5.5, variances 1 and 5/3, squared standard error 1/3 + 5/12 = 3/4
+    test = stats.welch([1, 2, 3], [4, 5, 6, 7])
+    assert test.estimate == pytest.approx(-3.5)
+    assert test.t == pytest.approx(-3.5 / math.sqrt(0.75))
+    assert test.df == pytest.approx(0.5625 / (1 / 18 + 25 / 432))
+    assert test.p == pytest.approx(integrated_p(test.t, test.df), abs=1e-9)
+    shifted = stats.welch([1, 2, 3], [4, 5, 6, 7], offset=-3.5)  # mean(a) - mean(b) + 3.5 = 0
+    assert shifted.estimate == pytest.approx(0) and shifted.p == pytest.approx(1)
+    one = stats.one_sample([2.0, 2.5, 3.5], 5.0)
+    assert one.df == 2 and one.t == pytest.approx((8 / 3 - 5) / math.sqrt((7 / 12) / 3))
+    # no spread at all: a difference is outside it, no difference decides nothing
+    flat = stats.welch([2, 2, 2], [1, 1, 1])
+    assert flat.p == 0.0 and flat.df is None and flat.t == math.inf
+    assert stats.welch([1, 1, 1], [1, 1, 1]).p == 1.0
+    with pytest.raises(ValueError):
+        stats.welch([1.0], [1.0, 2.0])

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import report  # noqa: E402
 import reproduce  # noqa: E402
 import stats  # noqa: E402
+import tables  # noqa: E402
 from rundirs import load_run, load_runs  # noqa: E402
 from tables import Table  # noqa: E402
 
@@ -130,31 +131,116 @@ def test_missing_dataset_cells_and_runs_table(runs, tmp_path):
     assert "| mnist_cnn | 0 | 0 | 0 | – | – | 0.0 | not run |" in text
 
 
-def test_claims_held_not_held_and_no_data(runs, tmp_path):
+COPY_CLAIM = "On Copy, DNI learns dependencies about twice as long as BPTT at the same k"
+CDNI_CLAIM = "cDNI stays at or near Bprop on MNIST FCNs"
+
+
+def verdict_of(row: str) -> str:
+    return row.split(" | ")[0].strip("| *")
+
+
+def test_one_or_two_seeds_decide_nothing(runs, tmp_path):
+    # the fixture's means would have "held" cDNI near Bprop and DNI deeper worse: one seed each
     text = write(runs, tmp_path / "out")
-    assert claim_row(text, "cDNI stays at or near Bprop on MNIST FCNs").startswith("| **held** |")
-    assert claim_row(text, "DNI degrades as the MNIST FCN gets deeper").startswith("| **held** |")
-    copy = claim_row(text, "On Copy, DNI learns dependencies about twice as long as BPTT at the same k")
-    assert copy.startswith("| **not held** |") and "at 1 of 2; not at k=3" in copy
-    assert claim_row(text, "On PTB, DNI gives lower test BPC than BPTT at the same k").startswith("| no data |")
+    cdni = claim_row(text, CDNI_CLAIM)
+    assert verdict_of(cdni) == "not decided at this budget"
+    assert "layers=3: 1 v 2 seeds" in cdni and "layers=4: 1 v 1 seed," in cdni
+    assert "no test: fewer than 3 per side" in cdni and "p =" not in cdni
+    assert "Would decide: 3 seeds per cell" in cdni and "| 4 steps |" in cdni
+    assert "| 1 v 2, 1 v 1 |" in cdni  # the seeds it rests on, per side
+    assert verdict_of(claim_row(text, "DNI degrades as the MNIST FCN gets deeper")) == (
+        "not decided at this budget")
+    copy = claim_row(text, COPY_CLAIM)
+    assert verdict_of(copy) == "not decided at this budget" and "k=3: 1 v 1 seed, Δ -2" in copy
+    assert "held (DNI ≥ 1.5 × BPTT at 4 of 4)" in copy  # the paper's numbers: descriptive
+    ptb = claim_row(text, "On PTB, DNI gives lower test BPC than BPTT at the same k")
+    assert verdict_of(ptb) == "no data"
 
 
-def test_nothing_learned_is_not_twice_as_long(tmp_path):
+def cdni_near_bprop(root: Path, bprop: list[float], cdni: list[float], layers: int = 3) -> None:
+    for seed, (b, c) in enumerate(zip(bprop, cdni)):
+        mnist_fcn(root, layers, "none", [9.0, 4.0, b], seed=seed)
+        mnist_fcn(root, layers, "cdni", [9.0, 4.0, c], seed=seed)
+
+
+@pytest.mark.parametrize("bprop,cdni,verdict", [
+    # cDNI - Bprop - 0.5 clearly below 0: held
+    ([2.0, 2.1, 1.9], [2.05, 2.0, 2.1], "held"),
+    # about 0.5 above Bprop, the seeds spread over the margin: not decided
+    ([2.0, 2.6, 1.7], [2.9, 2.0, 2.6], "not decided at this budget"),
+    # a point above Bprop on every seed: not held
+    ([2.0, 2.1, 1.9], [3.0, 3.1, 3.05], "not held"),
+])
+def test_three_seeds_decide_by_welch(tmp_path, bprop, cdni, verdict):
     root = tmp_path / "runs"
-    copy_run(root, 3, "none", 0)
-    copy_run(root, 3, "every_k", 0)
-    row = claim_row(write(root, tmp_path / "out"), "On Copy, DNI learns dependencies about twice as long as BPTT at the same k")
-    assert row.startswith("| **not held** |")
+    cdni_near_bprop(root, bprop, cdni)
+    row = claim_row(write(root, tmp_path / "out"), CDNI_CLAIM)
+    assert verdict_of(row) == verdict
+    test = stats.welch(cdni, bprop, offset=0.5)
+    assert f"layers=3: 3 v 3 seeds, Δ {test.estimate:+.3g}, {tables.fmt_p(test.p)}" in row
+    assert "| 3 v 3 | 4 steps |" in row
+    assert ("Would decide: a longer budget than 4 steps" in row) == (verdict != "held"
+                                                                     and verdict != "not held")
 
 
-def test_claims_follow_the_numbers(tmp_path):
-    # the same claim, computed: cDNI 1 point above Bprop is no longer "at or near"
+def test_a_claim_over_positions_needs_every_one(tmp_path):
     root = tmp_path / "runs"
-    mnist_fcn(root, 3, "none", [9.0, 4.0, 2.0])
-    mnist_fcn(root, 3, "cdni", [9.0, 4.0, 3.0])
+    cdni_near_bprop(root, [2.0, 2.1, 1.9], [2.05, 2.0, 2.1], layers=3)  # held
+    cdni_near_bprop(root, [2.0, 2.6, 1.7], [2.9, 2.0, 2.6], layers=4)  # not decided
+    row = claim_row(write(root, tmp_path / "out"), CDNI_CLAIM)
+    assert verdict_of(row) == "not decided at this budget"
+    assert "held at layers=3; not decided at layers=4." in row
+    cdni_near_bprop(root, [2.0, 2.1, 1.9], [3.0, 3.1, 3.05], layers=5)  # not held
+    row = claim_row(write(root, tmp_path / "out2"), CDNI_CLAIM)
+    assert verdict_of(row) == "not held" and "not held at layers=5" in row
+
+
+def test_nothing_learned_decides_nothing(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        copy_run(root, 3, "none", 0, seed=seed)
+        copy_run(root, 3, "every_k", 0, seed=seed)
+    row = claim_row(write(root, tmp_path / "out"), COPY_CLAIM)
+    assert verdict_of(row) == "not decided at this budget"
+    assert "k=3: 3 v 3 seeds, Δ +0, p = 1, no seed spread" in row
+
+
+def test_a_difference_without_spread_is_outside_it(tmp_path):
+    # largest N is a whole number: three seeds of 2 against three of 8 leave no spread at all
+    root = tmp_path / "runs"
+    for seed in range(3):
+        copy_run(root, 3, "none", 2, seed=seed)
+        copy_run(root, 3, "every_k", 8, seed=seed)
+    row = claim_row(write(root, tmp_path / "out"), COPY_CLAIM)
+    assert verdict_of(row) == "held" and "Δ +5, p = 0, no seed spread: held" in row
+
+
+def test_the_report_opens_with_a_summary_of_the_verdicts(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):  # Copy at k = 3: three seeds of DNI far above 1.5 x BPTT
+        copy_run(root, 3, "none", 2 + seed % 2, seed=seed)
+        copy_run(root, 3, "every_k", 9 + seed, seed=seed)
+    cdni_near_bprop(root, [2.0, 2.1, 1.9], [3.0, 3.1, 3.05])  # a point above Bprop: not held
+    mnist_fcn(root, 3, "every_layer", [9.0, 5.0, 3.0])  # DNI deeper worse, one seed
+    mnist_fcn(root, 4, "every_layer", [9.0, 6.0, 4.5])
     text = write(root, tmp_path / "out")
-    row = claim_row(text, "cDNI stays at or near Bprop on MNIST FCNs")
-    assert row.startswith("| **not held** |") and "not at layers=3" in row
+    lines = text.splitlines()
+    assert lines[0] == "# Results: sgrun next to the paper"
+    assert lines[4].startswith("- **Profile**:")
+    assert lines[6] == "## Summary"
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert ("Of the paper's 14 claims, on our numbers: 1 held, 1 not held, 1 not decided at this "
+            "budget, 11 no data. Profile `smoke`: 7.0 minutes of training in all.") in summary
+    groups = [line for line in summary.splitlines() if line.endswith("):")]
+    assert groups == ["**held** (1):", "**not held** (1):", "not decided at this budget (1):",
+                      "no data (11):"]
+    held = summary.split("**held** (1):")[1].split("**not held**")[0]
+    assert held.strip() == f"- {COPY_CLAIM} (3 v 3 seeds, 4 steps)"
+    assert f"- {CDNI_CLAIM} (3 v 3 seeds, 4 steps)" in summary.split("**not held** (1):")[1]
+    undecided = summary.split("not decided at this budget (1):")[1].split("no data (11):")[0]
+    assert undecided.strip() == ("- DNI degrades as the MNIST FCN gets deeper (1 v 1 seeds, "
+                                 "4 steps); would decide: 3 seeds per cell")
+    assert "- On PTB, DNI gives lower test BPC than BPTT at the same k\n" in summary
 
 
 def test_claim_thresholds_agree_with_the_papers_own_numbers():
@@ -191,20 +277,30 @@ def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
             make_run(runs, "mnist_fcn_update_prob", f"{p}_{dni}", dni=dni, model__name="fcn", model__layers=4,
                      data__name="mnist", train__update_prob=p, metrics={"test_error": err},
                      scalars={"error/test": [(1000, 3 * err), (2000, err)]})
-    # ... and the two networks at two timescales
-    for coupling, b_error in (("none", 0.8), ("dni", 0.3), ("bptt", 0.2)):
-        make_run(runs, "two_timescale", coupling, dni="message", model__name="hrnn", model__coupling=coupling,
-                 metrics={"error_a": 0.1, "error_b": b_error},
-                 scalars={"error/A": [(100, 0.5), (200, 0.1)], "error/B": [(100, 0.9), (200, b_error)]})
+    for seed in (1, 2):  # three seeds where the claim is tested
+        make_run(runs, "mnist_fcn_update_prob", f"0.05_cdni_{seed}", dni="cdni", seed=seed,
+                 model__name="fcn", model__layers=4, data__name="mnist", train__update_prob=0.05,
+                 metrics={"test_error": 4.0 + 0.1 * seed})
+    # ... and the two networks at two timescales, three seeds
+    for seed in range(3):
+        for coupling, b_error in (("none", 0.8), ("dni", 0.3), ("bptt", 0.2)):
+            make_run(runs, "two_timescale", f"{coupling}_{seed}", dni="message", seed=seed,
+                     model__name="hrnn", model__coupling=coupling,
+                     metrics={"error_a": 0.1, "error_b": b_error + 0.01 * seed},
+                     scalars={"error/A": [(100, 0.5), (200, 0.1)],
+                              "error/B": [(100, 0.9), (200, b_error)]})
     out = tmp_path / "out"
     text = write(runs, out)
     updates = text.split("## Stochastic updates")[1]
-    assert table_row(updates, "0.2").startswith("| 0.2 | 2.50 (–) | 2.50 (3.05) | not run (–) |")
+    assert table_row(updates, "0.2").startswith(
+        "| 0.2 | 2.50 [1 of 3 seeds] (–) | 2.50 [1 of 3 seeds] (3.05) |")
     assert table_row(updates, "0.5") == "| 0.5 | not run (–) | not run (–) | not run (–) | not run (–) |"
-    assert table_row(text, "DNI") == "| DNI | 0.10 (–) | 0.30 (–) |"
-    assert claim_row(text, "With stochastic updates, cDNI still trains at update_prob 0.05").startswith("| **held** |")
-    assert claim_row(text, "Network B learns from A's messages with DNI coupling (B's error below the uncoupled one)"
-                     ).startswith("| **held** |")
+    assert table_row(text, "DNI") == "| DNI | 0.10 ± 0.00 (–) | 0.31 ± 0.01 (–) |"
+    under = claim_row(text, "With stochastic updates, cDNI still trains at update_prob 0.05")
+    assert verdict_of(under) == "held" and "update_prob=0.05: 3 seeds, Δ -5.9, p < 0.001" in under
+    coupled = claim_row(text, "Network B learns from A's messages with DNI coupling (B's error "
+                        "below the uncoupled one)")
+    assert verdict_of(coupled) == "held" and "network=B error: 3 v 3 seeds, Δ -0.5" in coupled
     for name in ("fig_update_prob.png", "fig_two_timescale_errors.png"):
         assert (out / name).read_bytes()[:8] == PNG
 

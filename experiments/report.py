@@ -215,7 +215,26 @@ def table_section(members: list[Table], pattern: str) -> list[str]:
         numbers = (f" In parentheses: {paper.get('source', 'the paper')} [{paper.get('confidence', 'paper')}]."
                    if paper.get("values") else "")
         lines.append(f"- {what}{unit}Paper, {table.spec.get('section', '')}.{numbers}{note}")
+    lines += [line for table in members if (line := plateau_line(table, grouped))]
     return lines
+
+
+def plateau_line(table: Table, grouped: bool) -> str | None:
+    """How a table's runs stopped: on their plateau rule (``train.plateau_samples``: the curriculum
+    stopped advancing) or at the step cap (``train.steps``)."""
+    key = table.spec.get("plateau")
+    if not key:
+        return None
+    what = f"{table.spec['short']}: " if grouped else ""
+    finished = [r for r in table.runs if r.status == "finished"]
+    if not finished:
+        return f"- {what}no finished run yet, so none reached a plateau rule or the step cap."
+    reached = sum(r.get(key) is True for r in finished)
+    capped = sum(r.get(key) is False for r in finished)
+    unset = len(finished) - reached - capped
+    line = (f"- {what}of {len(finished)} finished runs, {reached} reached their plateau rule "
+            f"(`train.plateau_samples`), {capped + unset} hit the step cap (`train.steps`)")
+    return line + (f", {unset} of them with no plateau rule." if unset else ".")
 
 
 def claims_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule) -> list[str]:

@@ -431,9 +431,11 @@ def first_reach(run: Run, tag: str, target: float, lower: bool) -> float | None:
 
 
 def reaches_first(table: Table, test: dict, rule: Rule) -> Verdict:
-    """At each position: target = the best value of ``b``'s mean curve; Welch on the per-run first x
-    at which each run's curve reaches it, a against b (runs that never reach it are left out)."""
-    from curves import best_first, mean_curve, tags_of
+    """At each position: the target is the best value that every run of ``b`` reaches (the worst of
+    their per-run bests); Welch on the per-run first x at which each run's curve reaches it, a
+    against b. A run of ``a`` that never reaches it is left out, counted, and keeps the position
+    from being held."""
+    from curves import tags_of
 
     lower = table.spec.get("better", "lower") == "lower"
     a_name, b_name = _names(test)
@@ -443,21 +445,28 @@ def reaches_first(table: Table, test: dict, rule: Rule) -> Verdict:
                                             positions(table, test["b"], None)):
         runs_a = [r for r in table.curve_runs(ra, ca) if tags_of(r, tag)]
         runs_b = [r for r in table.curve_runs(rb, cb) if tags_of(r, tag)]
-        b_curve = mean_curve(runs_b, tag)
-        if not runs_a or b_curve is None:
+        bests = [best(r.scalars[tags_of(r, tag)[0]], lower) for r in runs_b]
+        bests = [v for v in bests if v is not None]
+        if not runs_a or not bests:
             continue
         runs += runs_a + runs_b
-        target, _ = best_first(b_curve, lower)
+        target = max(bests) if lower else min(bests)
         xa = [x for r in runs_a if (x := first_reach(r, tag, target, lower)) is not None]
         xb = [x for r in runs_b if (x := first_reach(r, tag, target, lower)) is not None]
         short = min(len(runs_a), len(runs_b)) < rule.min_seeds
         position = two_sided(where, xa, xb, -1, rule, short=short)
-        position.note = (f"{len(xa)} of {len(runs_a)} and {len(xb)} of {len(runs_b)} runs reach "
-                         f"{target:.4g}")
+        position.note = f"target {target:.4g}, reached by {len(xa)} of {len(runs_a)} {a_name} runs"
+        if len(xa) < len(runs_a) and position.verdict == HELD:
+            position.verdict = UNDECIDED  # the runs that never got there speak against it
         found.append(position)
-    what = (f"Welch on the per-run first x reaching {b_name}'s best {tag}, {a_name} − {b_name}, "
-            "claimed < 0")
+    what = (f"Welch on the per-run first x reaching the {tag} every {b_name} run reaches, "
+            f"{a_name} − {b_name}, claimed < 0")
     return combine(found, what, runs, rule)
+
+
+def best(points: list[tuple[int, float]], lower: bool) -> float | None:
+    values = [y for _, y in points]
+    return (min(values) if lower else max(values)) if values else None
 
 
 def describe(claim: dict, table: Table, tables: dict[str, Table]) -> Verdict:

@@ -69,11 +69,16 @@ def mnist_fcn(runs: Path, layers: int, dni: str, errors: list[float], seed: int 
 
 
 def copy_run(runs: Path, k: int, dni: str, largest_n: int, key: str = "model__k", seed: int = 0,
-             solved_at: tuple = (2560, 5120, 7680)) -> None:
+             solved_at: tuple = (2560, 5120, 7680), preset: str = "table1_copy",
+             repeats: int = 1, plateau: bool | None = None, **config) -> None:
     # the curriculum's largest solved N, logged against samples seen when a level is solved
     levels = list(zip(solved_at, (1, max(1, largest_n // 2), largest_n)))
-    make_run(runs, "table1_copy", f"{k}_{dni}_{seed}", dni=dni, seed=seed, **{key: k},
-             metrics={"largest_n": largest_n, "samples_seen": solved_at[-1]},
+    metrics = {"largest_n": largest_n, "largest_r": repeats, "largest_nr": largest_n * repeats,
+               "samples_seen": solved_at[-1], "samples_at_largest": solved_at[-1]}
+    if plateau is not None:  # set only when the preset has a plateau rule
+        metrics["plateau_reached"] = plateau
+    make_run(runs, preset, f"{k}_{dni}_{seed}", dni=dni, seed=seed, **{key: k}, **config,
+             metrics=metrics,
              scalars={"by_samples/largest_solved": levels, "loss/train": [(30, 0.1)]})
 
 
@@ -119,7 +124,83 @@ def test_cells_read_ours_then_paper(runs, tmp_path):
     copy_rows = [line for line in text.splitlines() if line.startswith("| Copy, largest N |")]
     assert copy_rows[0] == ("| Copy, largest N | BPTT | not run (7) | 8 (8) | not run (10) | 8 (8) | not run (–) |")
     assert copy_rows[1].startswith("| Copy, largest N | DNI | not run (16) | 10 (14) | not run (18) | 16 (18) |")
-    assert "| Repeat Copy, largest N | BPTT | not run (7) |" in text
+    # the paper's Repeat Copy numbers stand next to N·R, not N
+    assert "| Repeat Copy, largest N | BPTT | not run (–) |" in text
+    assert "| Repeat Copy, largest N·R (time dependency) | BPTT | not run (7) |" in text
+
+
+def test_repeat_copy_reads_n_and_n_times_r_and_how_runs_stopped(tmp_path):
+    root = tmp_path / "runs"
+    for seed, plateau in enumerate((True, False, None)):
+        copy_run(root, 3, "none", 2, seed=seed, preset="table1_repeat_copy", repeats=1,
+                 plateau=plateau)
+        copy_run(root, 3, "every_k", 3 + seed, seed=seed, preset="table1_repeat_copy",
+                 repeats=4, plateau=True)
+    copy_run(root, 3, "none", 3, preset="table1_copy", plateau=False)
+    text = write(root, tmp_path / "out")
+    assert ("| Repeat Copy, largest N | DNI | not run (–) | 4.0 ± 1.0 (–) | not run (–) |"
+            in text)
+    assert ("| Repeat Copy, largest N·R (time dependency) | DNI | not run (39) | 16.0 ± 4.0 (33) |"
+            in text)
+    section = text.split("## Table 1")[1].split("\n## ")[0]
+    assert ("- Repeat Copy, largest N: of 6 finished runs, 4 reached their plateau rule "
+            "(`train.plateau_samples`), 2 hit the step cap (`train.steps`), 1 of them with no "
+            "plateau rule.") in section
+    assert "- Repeat Copy, largest N·R (time dependency): of 6 finished runs, 4 reached" in section
+    assert "- Copy, largest N: of 1 finished runs, 0 reached their plateau rule" in section
+    assert "- PTB, test BPC: no finished run" not in section  # PTB has no plateau rule
+    assert "are more than twice its Copy values at every k" in section  # why N has no paper values
+    # the claim on Repeat Copy reads N·R: 16 against 2 is more than twice, N (4 against 2) is not
+    row = claim_row(text, "On Repeat Copy, DNI learns dependencies at least twice as long as BPTT "
+                    "at the same k")
+    assert verdict_of(row) == "held" and "k=3: 3 v 3 seeds, Δ +12" in row
+
+
+def test_aux_gain_compares_per_seed_ratios(tmp_path):
+    root = tmp_path / "runs"
+    claim = "Aux helps most on Repeat Copy"
+    # one seed per side: the ratios 8 / 4 and 4 / 4 decide nothing
+    copy_run(root, 3, "every_k", 4, seed=0, preset="table1_repeat_copy")
+    copy_run(root, 3, "every_k_aux", 8, seed=0, preset="table1_repeat_copy")
+    copy_run(root, 3, "every_k", 4, seed=0)
+    copy_run(root, 3, "every_k_aux", 4, seed=0)
+    row = claim_row(write(root, tmp_path / "out"), claim)
+    assert verdict_of(row) == "not decided at this budget" and "1 v 1 seed" in row
+    assert "mean DNI + Aux / DNI 2.00 v 1.00" in row
+    for seed in (1, 2):  # gains about 2 on Repeat Copy, about 1 on Copy
+        copy_run(root, 3, "every_k", 4, seed=seed, preset="table1_repeat_copy")
+        copy_run(root, 3, "every_k_aux", 8 + seed, seed=seed, preset="table1_repeat_copy")
+        copy_run(root, 3, "every_k", 4 + seed, seed=seed)
+        copy_run(root, 3, "every_k_aux", 4, seed=seed)
+    row = claim_row(write(root, tmp_path / "out2"), claim)
+    assert verdict_of(row) == "held" and "table1_repeat_copy_nr v table1_copy: 3 v 3 seeds" in row
+
+
+def ptb_run(root: Path, k: int, dni: str, seed: int, curve: list[float]) -> None:
+    points = [(1000 * (i + 1), v) for i, v in enumerate(curve)]
+    make_run(root, "table1_ptb", f"{k}_{dni}_{seed}", dni=dni, seed=seed, model__k=k,
+             metrics={"bpc_test": curve[-1]}, scalars={"by_samples/bpc_valid": points})
+
+
+@pytest.mark.parametrize("dni_curves,verdict", [
+    # DNI at BPTT's level after 2000 samples, BPTT after 4000: held
+    ([[3.0, 2.0, 1.9, 1.9], [3.0, 1.98, 1.9, 1.9], [3.0, 1.99, 1.9, 1.9]], "held"),
+    # one DNI run never gets there: the lead of the others does not make it held
+    ([[3.0, 2.0, 1.9, 1.9], [3.0, 1.98, 1.9, 1.9], [3.0, 2.5, 2.4, 2.3], [3.0, 2.0, 1.9, 1.9]],
+     "not decided at this budget"),
+    # DNI later on every seed: not held
+    ([[3.0, 2.9, 2.8, 2.7, 2.0], [3.0, 2.9, 2.8, 2.7, 2.0], [3.0, 2.9, 2.8, 2.7, 1.9]], "not held"),
+])
+def test_converges_faster_on_per_run_first_reach(tmp_path, dni_curves, verdict):
+    root = tmp_path / "runs"
+    for seed, end in enumerate((2.0, 2.02, 2.01)):
+        ptb_run(root, 3, "none", seed, [3.0, 2.6, 2.3, end])
+    for seed, curve in enumerate(dni_curves):
+        ptb_run(root, 3, "every_k", seed, curve)
+    row = claim_row(write(root, tmp_path / "out"),
+                    "On PTB, DNI converges faster than BPTT (validation BPC against samples seen)")
+    assert verdict_of(row) == verdict
+    assert "target 2.02" in row  # the level every BPTT run reaches
 
 
 def test_missing_dataset_cells_and_runs_table(runs, tmp_path):

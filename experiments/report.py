@@ -37,6 +37,7 @@ CONFIDENCE = {
     "paper": "quoted or confirmed by several sources",
     "recalled": "recalled, not confirmed by a stored copy of the paper",
     "secondary": "measured by another implementation, not the paper",
+    "none": "not from the paper (an ablation of ours)",
 }
 MARK = {HELD: "**held**", NOT_HELD: "**not held**", UNDECIDED: "not decided at this budget",
         NO_DATA: "no data"}
@@ -89,14 +90,18 @@ def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: 
     rule = Rule.of(reference)
     claims = [(c, evaluate(c, tables, rule=rule), evaluate(c, tables, on_paper=True))
               for c in reference.get("claims", [])]
+    ablations = [(c, evaluate(c, tables, rule=rule)) for c in reference.get("ablations", [])]
     out = ["# Results: sgrun next to the paper", ""]
     out += opening(runs, profile, runs_dir)
     out += ["", "## Summary", ""]
-    out += summary_section(claims, rule, runs, profile)
+    out += summary_section(claims, rule, runs, profile, ablations)
     out += ["", "## The runs", ""]
     out += header(runs, pattern)
     out += ["", "## The paper's claims on our numbers", ""]
     out += claims_section(claims, rule)
+    if ablations:
+        out += ["", "## Ablations: our own comparisons, not claims of the paper", ""]
+        out += ablations_section(ablations, rule)
     done: set[str] = set()
     for spec in reference["tables"]:
         group = spec.get("group") or spec["id"]
@@ -126,7 +131,7 @@ def opening(runs: list[Run], profile: str, runs_dir: Path) -> list[str]:
 
 
 def summary_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule, runs: list[Run],
-                    profile: str) -> list[str]:
+                    profile: str, ablations: list[tuple[dict, Verdict]] = ()) -> list[str]:
     """Counts of the verdicts, one line per claim grouped by verdict, the profile's minutes."""
     minutes = sum(_minutes(r) for r in runs if r.status == "finished")
     counts = {v: sum(ours.verdict == v for _, ours, _ in claims) for v in MARK}
@@ -149,6 +154,14 @@ def summary_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule, run
             lines.append(line)
         if chosen:
             lines.append("")
+    if ablations:
+        lines += ["Ablations (ours, not claims of the paper; same rule):", ""]
+        for ablation, verdict in ablations:
+            lines.append(f"- {ablation['text']}: {MARK[verdict.verdict]}"
+                         + (f" ({verdict.seeds} seeds, {verdict.budget})" if verdict.positions
+                            else "")
+                         + (f"; would decide: {verdict.decide}" if verdict.decide else ""))
+        lines.append("")
     return lines[:-1] if lines[-1] == "" else lines
 
 
@@ -214,6 +227,9 @@ def table_section(members: list[Table], pattern: str) -> list[str]:
         note = f" {paper['note']}" if paper.get("note") else ""
         numbers = (f" In parentheses: {paper.get('source', 'the paper')} [{paper.get('confidence', 'paper')}]."
                    if paper.get("values") else "")
+        if table.spec.get("ablation"):
+            lines.append(f"- {what}{unit}Not in the paper ({table.spec.get('section', '')}).{note}")
+            continue
         lines.append(f"- {what}{unit}Paper, {table.spec.get('section', '')}.{numbers}{note}")
     lines += [line for table in members if (line := plateau_line(table, grouped))]
     return lines
@@ -242,7 +258,7 @@ def claims_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule) -> l
              "on the paper's numbers (descriptive) | source |",
              "|---|---|---|---|---|---|---|---|"]
     for claim, ours, paper in claims:
-        lines.append(claim_line(claim, ours, paper))
+        lines.append(claim_line(claim, ours, paper, rule))
     lines += ["", f"**Rule** (`rule` in `experiments/reference.yaml`): {rule.stated()}", "",
               "Each position reads `where: seeds a v b, Δ (the tested difference), p: verdict`; "
               "the budget is the training steps (`train.steps`) of the runs a verdict rests on. "
@@ -251,17 +267,29 @@ def claims_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule) -> l
     return lines
 
 
-def claim_line(claim: dict, ours: Verdict, paper: Verdict | None) -> str:
+def ablations_section(ablations: list[tuple[dict, Verdict]], rule: Rule) -> list[str]:
+    lines = ["| verdict | comparison | tested | on our numbers | seeds per side | budget | "
+             "source |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [claim_line(c, v, None, rule) for c, v in ablations]
+    lines += ["", "Not in the paper: questions of this project about its own choices, decided by "
+              "the same rule as the paper's claims (their tables are further down)."]
+    return lines
+
+
+def claim_line(claim: dict, ours: Verdict, paper: Verdict | None, rule: Rule) -> str:
     """One verdict: what is tested, the positions with their seeds and p-values, the budget."""
-    detail = ours.detail or ("no cell with numbers on both sides" if ours.verdict == NO_DATA
+    detail = ours.detail or ("no p-value: no numbers to test yet" if ours.verdict == NO_DATA
                              else "–")
+    tested = (f"{ours.test}; two-sided at {rule.alpha:g}, ≥ {rule.min_seeds} seeds per side"
+              if ours.test else "–")
     if ours.decide:
         detail += f". Would decide: {ours.decide}"
     if paper is None:
         paper_text = None
     else:
         paper_text = "–" if paper.verdict == NO_DATA else f"{paper.verdict} ({paper.detail})"
-    cells = [MARK[ours.verdict], claim["text"], ours.test or "–", detail, ours.seeds, ours.budget]
+    cells = [MARK[ours.verdict], claim["text"], tested, detail, ours.seeds, ours.budget]
     cells += [] if paper_text is None else [paper_text]
     cells.append(f"{claim['source']} [{claim['confidence']}]")
     return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"

@@ -314,7 +314,8 @@ def test_the_report_opens_with_a_summary_of_the_verdicts(tmp_path):
             "budget, 11 no data. Profile `smoke`: 7.0 minutes of training in all.") in summary
     groups = [line for line in summary.splitlines() if line.endswith("):")]
     assert groups == ["**held** (1):", "**not held** (1):", "not decided at this budget (1):",
-                      "no data (11):"]
+                      "no data (11):", "Ablations (ours, not claims of the paper; same rule):"]
+    assert summary.rstrip().endswith(f"- {ABLATION}: no data")
     held = summary.split("**held** (1):")[1].split("**not held**")[0]
     assert held.strip() == f"- {COPY_CLAIM} (3 v 3 seeds, 4 steps)"
     assert f"- {CDNI_CLAIM} (3 v 3 seeds, 4 steps)" in summary.split("**not held** (1):")[1]
@@ -322,6 +323,56 @@ def test_the_report_opens_with_a_summary_of_the_verdicts(tmp_path):
     assert undecided.strip() == ("- DNI degrades as the MNIST FCN gets deeper (1 v 1 seeds, "
                                  "4 steps); would decide: 3 seeds per cell")
     assert "- On PTB, DNI gives lower test BPC than BPTT at the same k\n" in summary
+
+
+ABLATION = "The unscaled bootstrap (1.0) extends Copy's largest N beyond the default's"
+DEFAULT_BOOTSTRAP = "0.1 (injected scale, default)"
+
+
+def bootstrap_run(root: Path, job: str, largest_n: int, seed: int = 0, k: int = 3, **config):
+    copy_run(root, k, "every_k", largest_n, seed=seed, preset="table1_copy_bootstrap",
+             plateau=True, **config)
+    folder = root / "smoke" / "table1_copy_bootstrap"
+    (folder / f"{k}_every_k_{seed}").rename(folder / job)
+
+
+def test_the_bootstrap_ablation_rows_take_null_and_one(tmp_path):
+    root = tmp_path / "runs"
+    bootstrap_run(root, "null", 2, dni__bootstrap_scale=None, dni__scale=0.1)
+    bootstrap_run(root, "absent", 2, seed=1, dni__scale=0.1)  # a config from before the key
+    bootstrap_run(root, "one", 4, dni__bootstrap_scale=1.0)
+    bootstrap_run(root, "one_int", 4, seed=1, dni__bootstrap_scale=1)
+    bootstrap_run(root, "explicit", 9, seed=2, dni__bootstrap_scale=0.1)  # in neither row
+    bootstrap_run(root, "k5", 9, seed=2, k=5, dni__bootstrap_scale=None)  # not Copy at k = 3
+    spec = next(t for t in report.load_reference()["tables"] if t["id"] == "bootstrap_ablation")
+    table = Table(spec, load_runs(root / "smoke"))
+    in_row = {label: sorted(r.path.name for r in table.cells[(label, "DNI")].runs)
+              for label in (DEFAULT_BOOTSTRAP, "1.0")}
+    assert in_row == {DEFAULT_BOOTSTRAP: ["absent", "null"], "1.0": ["one", "one_int"]}
+    text = write(root, tmp_path / "out")
+    assert table_row(text, DEFAULT_BOOTSTRAP) == (
+        f"| {DEFAULT_BOOTSTRAP} | 2.0 ± 0.0 [2 of 3 seeds] (–) |")
+    # printed apart from the paper's claims, and not counted among them
+    claims = text.split("## The paper's claims on our numbers")[1].split("\n## ")[0]
+    assert ABLATION not in claims
+    ablations = text.split("## Ablations: our own comparisons, not claims of the paper")[1]
+    row = claim_row(ablations.split("\n## ")[0], ABLATION)
+    assert verdict_of(row) == "not decided at this budget" and "2 v 2 seeds" in row
+    assert row.endswith("| ablation, not in the paper [none] |")
+    assert "## Ablation (not in the paper): the recurrent synthesizer's bootstrapped target" in text
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    assert "Of the paper's 14 claims" in summary
+    assert f"- {ABLATION}: not decided at this budget (2 v 2 seeds, 4 steps)" in summary
+
+
+def test_the_bootstrap_ablation_is_decided_with_three_seeds(tmp_path):
+    root = tmp_path / "runs"
+    for seed in range(3):
+        bootstrap_run(root, f"default_{seed}", 2 + seed % 2, seed=seed)
+        bootstrap_run(root, f"one_{seed}", 6 + seed, seed=seed, dni__bootstrap_scale=1.0)
+    text = write(root, tmp_path / "out")
+    row = claim_row(text, ABLATION)
+    assert verdict_of(row) == "held" and "method=DNI: 3 v 3 seeds, Δ -4.67" in row
 
 
 def test_claim_thresholds_agree_with_the_papers_own_numbers():

@@ -276,6 +276,38 @@ def test_a_claim_over_positions_needs_every_one(tmp_path):
     assert verdict_of(row) == "not held" and "not held at layers=5" in row
 
 
+@pytest.mark.parametrize("shallow,deep,verdict", [
+    ([2.0, 2.2, 2.1], [8.0, 9.0, 8.5], "held"),
+    ([8.0, 9.0, 8.5], [2.0, 2.2, 2.1], "not held"),
+    ([2.0, 4.0, 3.0], [3.0, 2.0, 4.5], "not decided at this budget"),
+])
+def test_grows_compares_the_first_and_last_positions(tmp_path, shallow, deep, verdict):
+    root = tmp_path / "runs"
+    for seed, (a, b) in enumerate(zip(shallow, deep)):
+        mnist_fcn(root, 3, "every_layer", [9.0, 5.0, a], seed=seed)
+        mnist_fcn(root, 4, "every_layer", [9.0, 5.0, 5.0], seed=seed)  # in between: not tested
+        mnist_fcn(root, 6, "every_layer", [9.0, 5.0, b], seed=seed)
+    row = claim_row(write(root, tmp_path / "out"), "DNI degrades as the MNIST FCN gets deeper")
+    assert verdict_of(row) == verdict and "layers=6 v layers=3: 3 v 3 seeds" in row
+
+
+@pytest.mark.parametrize("bprop,dni,verdict", [
+    ([50.0, 51.0, 50.5], [60.0, 61.0, 59.0], "held"),  # 10 points worse: more than 2
+    ([50.0, 51.0, 50.5], [50.5, 51.0, 50.0], "not held"),  # no worse at all: less than 2
+])
+def test_gap_at_least_tests_the_margin(tmp_path, bprop, dni, verdict):
+    root = tmp_path / "runs"
+    for seed, (b, d) in enumerate(zip(bprop, dni)):
+        for name, error in (("none", b), ("every_layer", d)):
+            make_run(root, "cifar10_fcn", f"3_{name}_{seed}", dni=name, seed=seed,
+                     model__layers=3, metrics={"test_error": error})
+    row = claim_row(write(root, tmp_path / "out"),
+                    "DNI is clearly worse than Bprop on CIFAR-10 FCNs")
+    assert verdict_of(row) == verdict
+    test = stats.welch(dni, bprop, offset=2.0)
+    assert f"Δ {test.estimate:+.3g}, {tables.fmt_p(test.p)}" in row
+
+
 def test_nothing_learned_decides_nothing(tmp_path):
     root = tmp_path / "runs"
     for seed in range(3):

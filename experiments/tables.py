@@ -1,8 +1,9 @@
 """The paper's tables filled with our runs, and the paper's claims checked on them.
 
 Everything paper-specific (which preset fills which table, the row and column keys, the metric, the
-paper's numbers, the claims and their thresholds) lives in ``reference.yaml``; this module only
-knows how to group runs into cells and compare cells.
+paper's numbers, the claims and their thresholds, the rule that decides them) lives in
+``reference.yaml``; this module only knows how to group runs into cells and compare cells: on our
+runs by a t-test over the seeds of each cell (``stats.py``), on the paper's numbers descriptively.
 """
 
 from __future__ import annotations

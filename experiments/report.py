@@ -17,7 +17,18 @@ from pathlib import Path
 import figures
 import yaml
 from rundirs import MISSING, Run, dataset_missing, first_line, load_runs
-from tables import HELD, NO_DATA, NOT_HELD, Table, cell_text, evaluate, fmt
+from tables import (
+    HELD,
+    NO_DATA,
+    NOT_HELD,
+    UNDECIDED,
+    Rule,
+    Table,
+    Verdict,
+    cell_text,
+    evaluate,
+    fmt,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the repository: runs/, conf/
@@ -26,7 +37,10 @@ CONFIDENCE = {
     "paper": "quoted or confirmed by several sources",
     "recalled": "recalled, not confirmed by a stored copy of the paper",
     "secondary": "measured by another implementation, not the paper",
+    "none": "not from the paper (an ablation of ours)",
 }
+MARK = {HELD: "**held**", NOT_HELD: "**not held**", UNDECIDED: "not decided at this budget",
+        NO_DATA: "no data"}
 
 
 def load_reference(path: str | Path = REFERENCE) -> dict:
@@ -73,10 +87,21 @@ def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: s
 def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: str, runs_dir: Path,
            drawn: dict[str, figures.Outcome]) -> str:
     pattern = reference["dataset_missing"]
+    rule = Rule.of(reference)
+    claims = [(c, evaluate(c, tables, rule=rule), evaluate(c, tables, on_paper=True))
+              for c in reference.get("claims", [])]
+    ablations = [(c, evaluate(c, tables, rule=rule)) for c in reference.get("ablations", [])]
     out = ["# Results: sgrun next to the paper", ""]
-    out += header(runs, profile, runs_dir, pattern)
+    out += opening(runs, profile, runs_dir)
+    out += ["", "## Summary", ""]
+    out += summary_section(claims, rule, runs, profile, ablations)
+    out += ["", "## The runs", ""]
+    out += header(runs, pattern)
     out += ["", "## The paper's claims on our numbers", ""]
-    out += claims_section(reference, tables)
+    out += claims_section(claims, rule)
+    if ablations:
+        out += ["", "## Ablations: our own comparisons, not claims of the paper", ""]
+        out += ablations_section(ablations, rule)
     done: set[str] = set()
     for spec in reference["tables"]:
         group = spec.get("group") or spec["id"]
@@ -95,19 +120,59 @@ def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: 
     return "\n".join(out) + "\n"
 
 
-def header(runs: list[Run], profile: str, runs_dir: Path, pattern: str) -> list[str]:
+def opening(runs: list[Run], profile: str, runs_dir: Path) -> list[str]:
+    budgets = sorted({_budget(r) for r in runs if _budget(r)})
+    return [
+        f"Written by `make report PROFILE={profile}` from the runs in `{shown(runs_dir)}/` "
+        f"(`make reproduce PROFILE={profile}` runs them). Do not edit: run it again.",
+        "",
+        f"- **Profile**: `{profile}`" + (f" ({'; '.join(budgets)})" if budgets else ""),
+    ]
+
+
+def summary_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule, runs: list[Run],
+                    profile: str, ablations: list[tuple[dict, Verdict]] = ()) -> list[str]:
+    """Counts of the verdicts, one line per claim grouped by verdict, the profile's minutes."""
+    minutes = sum(_minutes(r) for r in runs if r.status == "finished")
+    counts = {v: sum(ours.verdict == v for _, ours, _ in claims) for v in MARK}
+    lines = [f"Of the paper's {len(claims)} claims, on our numbers: "
+             + ", ".join(f"{n} {v}" for v, n in counts.items())
+             + f". Profile `{profile}`: {minutes:.1f} minutes of training in all. A claim is "
+             f"decided by Welch's t-test at {rule.alpha:g} with at least {rule.min_seeds} seeds "
+             "per side (the rule is under the claims).", ""]
+    for verdict in MARK:
+        chosen = [(c, ours) for c, ours, _ in claims if ours.verdict == verdict]
+        if chosen:
+            lines.append(f"{MARK[verdict]} ({len(chosen)}):")
+            lines.append("")
+        for claim, ours in chosen:
+            line = f"- {claim['text']}"
+            if ours.positions:
+                line += f" ({ours.seeds} seeds, {ours.budget})"
+            if ours.decide:
+                line += f"; would decide: {ours.decide}"
+            lines.append(line)
+        if chosen:
+            lines.append("")
+    if ablations:
+        lines += ["Ablations (ours, not claims of the paper; same rule):", ""]
+        for ablation, verdict in ablations:
+            lines.append(f"- {ablation['text']}: {MARK[verdict.verdict]}"
+                         + (f" ({verdict.seeds} seeds, {verdict.budget})" if verdict.positions
+                            else "")
+                         + (f"; would decide: {verdict.decide}" if verdict.decide else ""))
+        lines.append("")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def header(runs: list[Run], pattern: str) -> list[str]:
     finished = [r for r in runs if r.status == "finished"]
     failed = [r for r in runs if r.status == "failed"]
     missing = [r for r in failed if dataset_missing(r, pattern)]
     unfinished = [r for r in runs if r.status == "unfinished"]
     minutes = sum(_minutes(r) for r in finished)
     seeds = _seeds(runs)
-    budgets = sorted({_budget(r) for r in runs if _budget(r)})
     lines = [
-        f"Written by `make report PROFILE={profile}` from the runs in `{shown(runs_dir)}/` "
-        f"(`make reproduce PROFILE={profile}` runs them). Do not edit: run it again.",
-        "",
-        f"- **Profile**: `{profile}`" + (f" ({'; '.join(budgets)})" if budgets else ""),
         f"- **Seeds**: {', '.join(map(str, seeds)) or 'none'}; a cell is the mean ± sample std over seeds when several ran",
         f"- **Runs**: {len(finished)} finished, {len(failed)} failed"
         + (f" ({len(missing)} because their dataset is not available)" if missing else "")
@@ -162,22 +227,72 @@ def table_section(members: list[Table], pattern: str) -> list[str]:
         note = f" {paper['note']}" if paper.get("note") else ""
         numbers = (f" In parentheses: {paper.get('source', 'the paper')} [{paper.get('confidence', 'paper')}]."
                    if paper.get("values") else "")
+        if table.spec.get("ablation"):
+            lines.append(f"- {what}{unit}Not in the paper ({table.spec.get('section', '')}).{note}")
+            continue
         lines.append(f"- {what}{unit}Paper, {table.spec.get('section', '')}.{numbers}{note}")
+    lines += [line for table in members if (line := plateau_line(table, grouped))]
     return lines
 
 
-def claims_section(reference: dict, tables: dict[str, Table]) -> list[str]:
-    lines = ["| verdict | claim | on our numbers | on the paper's numbers | source |", "|---|---|---|---|---|"]
-    for claim in reference.get("claims", []):
-        ours = evaluate(claim, tables)
-        paper = evaluate(claim, tables, on_paper=True)
-        mark = {HELD: "**held**", NOT_HELD: "**not held**", NO_DATA: "no data"}[ours.verdict]
+def plateau_line(table: Table, grouped: bool) -> str | None:
+    """How a table's runs stopped: on their plateau rule (``train.plateau_samples``: the curriculum
+    stopped advancing) or at the step cap (``train.steps``)."""
+    key = table.spec.get("plateau")
+    if not key:
+        return None
+    what = f"{table.spec['short']}: " if grouped else ""
+    finished = [r for r in table.runs if r.status == "finished"]
+    if not finished:
+        return f"- {what}no finished run yet, so none reached a plateau rule or the step cap."
+    reached = sum(r.get(key) is True for r in finished)
+    capped = sum(r.get(key) is False for r in finished)
+    unset = len(finished) - reached - capped
+    line = (f"- {what}of {len(finished)} finished runs, {reached} reached their plateau rule "
+            f"(`train.plateau_samples`), {capped + unset} hit the step cap (`train.steps`)")
+    return line + (f", {unset} of them with no plateau rule." if unset else ".")
+
+
+def claims_section(claims: list[tuple[dict, Verdict, Verdict]], rule: Rule) -> list[str]:
+    lines = ["| verdict | claim | tested | on our numbers | seeds per side | budget | "
+             "on the paper's numbers (descriptive) | source |",
+             "|---|---|---|---|---|---|---|---|"]
+    for claim, ours, paper in claims:
+        lines.append(claim_line(claim, ours, paper, rule))
+    lines += ["", f"**Rule** (`rule` in `experiments/reference.yaml`): {rule.stated()}", "",
+              "Each position reads `where: seeds a v b, Δ (the tested difference), p: verdict`; "
+              "the budget is the training steps (`train.steps`) of the runs a verdict rests on. "
+              "What each kind of claim tests, and the thresholds, are in "
+              "`experiments/reference.yaml`."]
+    return lines
+
+
+def ablations_section(ablations: list[tuple[dict, Verdict]], rule: Rule) -> list[str]:
+    lines = ["| verdict | comparison | tested | on our numbers | seeds per side | budget | "
+             "source |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [claim_line(c, v, None, rule) for c, v in ablations]
+    lines += ["", "Not in the paper: questions of this project about its own choices, decided by "
+              "the same rule as the paper's claims (their tables are further down)."]
+    return lines
+
+
+def claim_line(claim: dict, ours: Verdict, paper: Verdict | None, rule: Rule) -> str:
+    """One verdict: what is tested, the positions with their seeds and p-values, the budget."""
+    detail = ours.detail or ("no p-value: no numbers to test yet" if ours.verdict == NO_DATA
+                             else "–")
+    tested = (f"{ours.test}; two-sided at {rule.alpha:g}, ≥ {rule.min_seeds} seeds per side"
+              if ours.test else "–")
+    if ours.decide:
+        detail += f". Would decide: {ours.decide}"
+    if paper is None:
+        paper_text = None
+    else:
         paper_text = "–" if paper.verdict == NO_DATA else f"{paper.verdict} ({paper.detail})"
-        lines.append(f"| {mark} | {claim['text']} | {ours.detail or '–'} | {paper_text} | "
-                     f"{claim['source']} [{claim['confidence']}] |")
-    lines += ["", "A claim holds when it holds at every position (depth, k, ...) where both sides have a "
-              "number; thresholds are in `experiments/reference.yaml`."]
-    return lines
+    cells = [MARK[ours.verdict], claim["text"], tested, detail, ours.seeds, ours.budget]
+    cells += [] if paper_text is None else [paper_text]
+    cells.append(f"{claim['source']} [{claim['confidence']}]")
+    return "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
 
 
 def figures_section(reference: dict, drawn: dict[str, figures.Outcome]) -> list[str]:

@@ -14,10 +14,10 @@ install: ## install sgrun (CPU torch pinned by constraints.txt) with the test to
 	$(PYTHON) -m pip install -e '.[dev]' -c constraints.txt
 
 test: ## run the test suite (CPU, no network)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 test-fast: ## the edit-test loop: the suite without the tests marked slow
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n auto -m "not slow"
 
 gpu-check: ## on a CUDA machine: device tests, demo, benchmarks and one paper cell on the GPU (~10 min)
 	PYTHON=$(PYTHON) bash experiments/gpu_check.sh

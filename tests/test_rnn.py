@@ -356,12 +356,18 @@ def compose_preset(preset, *overrides, ptb=None, hydra_config=False):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_is_the_table1_sweep(preset):
+    paper = compose_preset(preset, "profile=paper", hydra_config=True).hydra.sweeper.params
+    assert [int(v) for v in str(paper["model.k"]).split(",")] == [2, 3, 4, 5, 8]
     cfg = compose_preset(preset, "profile=cpu", hydra_config=True)
     params = cfg.hydra.sweeper.params
-    assert [int(v) for v in str(params["model.k"]).split(",")] == [2, 3, 4, 5, 8]
+    assert [int(v) for v in str(params["model.k"]).split(",")] == [3, 5]  # the cpu profile's k
     assert str(params["dni"]).split(",") == ["none", "every_k", "every_k_aux"]
     assert cfg.model.family == "rnn" and cfg.name == preset
-    assert cfg.train.steps == 3000 and cfg.optim.lr == 3e-3  # the preset's own cpu budget, as it runs
+    # the preset's own cpu budget, as it runs: copy tasks to a plateau with a 60k-step cap
+    steps = 3000 if preset == "table1_ptb" else 60000
+    assert cfg.train.steps == steps and cfg.optim.lr == 3e-3
+    if preset != "table1_ptb":
+        assert cfg.train.plateau_samples == 150000 and cfg.data.options.bits == 4
     assert cfg.optim.decay_at == []  # sec. 3.1: no learning-rate decay
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import matplotlib.pyplot as plt
 from curves import Curve, mean_curve, tags_of
 from matplotlib import cm, colors
 from tables import Table, Value
+
+from sgrun.metrics import write_bytes_atomic
 
 # files only: works on machines and CI runners without a display (pyplot picks its backend lazily,
 # at the first figure, so choosing it after the import is enough)
@@ -107,8 +110,7 @@ def _draw_curves(spec: dict, panels: list[Panel], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(spec["title"])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -146,6 +148,13 @@ def _draw_against_key(spec: dict, table: Table, path: Path) -> bool:
         ax.grid(alpha=0.3)
     fig.suptitle(spec["title"])
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="training step")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return True
+
+
+def save(fig, path: Path) -> None:
+    """The PNG through a temporary file and a rename: a figure is whole or absent, never cut short."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())

@@ -30,6 +30,9 @@ from tables import (
     fmt,
 )
 
+from sgrun.errors import SgrunError
+from sgrun.metrics import write_bytes_atomic
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the repository: runs/, conf/
 REFERENCE = HERE / "reference.yaml"
@@ -76,7 +79,7 @@ def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: s
         drawn[spec["file"]] = figures.draw(spec, tables[spec["table"]], out_dir)
     text = render(reference, tables, runs, profile, runs_dir, drawn)
     path = out_dir / "RESULTS.md"
-    path.write_text(text)
+    write_bytes_atomic(path, text.encode())  # whole or not at all
     return path
 
 
@@ -364,7 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and the figures go (default: experiments/)")
     parser.add_argument("--reference", default=str(REFERENCE), help="the paper's numbers and the table layout")
     args = parser.parse_args(argv)
-    path = write_report(args.profile, args.runs, args.out, load_reference(args.reference))
+    try:
+        path = write_report(args.profile, args.runs, args.out, load_reference(args.reference))
+    except SgrunError as e:  # a full disk or a folder in the way: one line, the old report kept
+        print(f"report: error: {e}; the previous report is left as it was", file=sys.stderr)
+        return 1
     pngs = sorted(p.name for p in path.parent.glob("fig_*.png"))
     print(f"report: wrote {path}" + (f" and {len(pngs)} figure(s): {', '.join(pngs)}" if pngs else " (no figures yet)"))
     return 0

@@ -629,3 +629,25 @@ def test_welch_statistic_and_degrees_of_freedom():
     assert stats.welch([1, 1, 1], [1, 1, 1]).p == 1.0
     with pytest.raises(ValueError):
         stats.welch([1.0], [1.0, 2.0])
+
+
+def test_a_full_disk_leaves_the_previous_report_whole(runs, tmp_path, monkeypatch, capsys):
+    """RESULTS.md and the figures go through a temporary file and a rename: a write that fails
+    (here: no space at fsync) is one line, exit 1, and the previous report stays as it was."""
+    import errno
+
+    import sgrun.metrics as metrics
+
+    out = tmp_path / "out"
+    write(runs, out)
+    before = (out / "RESULTS.md").read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "fsync", no_space)
+    code = report.main(["--profile", "smoke", "--runs", str(runs), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
+    assert (out / "RESULTS.md").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

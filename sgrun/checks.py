@@ -56,6 +56,10 @@ RULES: list[Rule] = [
 RULES += [
     ("model.k", _is_int, "an integer", lambda v: v >= 1, ">= 1", "model.k=3"),
     ("dni.aux_weight", _is_num, "a number", lambda v: v >= 0, ">= 0", "dni.aux_weight=1.0"),
+    ("dni.bootstrap_scale", _is_num, "a number", lambda v: v >= 0, ">= 0",
+     "dni.bootstrap_scale=1.0 (or null: the injected scale)"),
+    ("train.plateau_samples", _is_int, "an integer", lambda v: v >= 1, ">= 1",
+     "train.plateau_samples=150000 (or null: no plateau rule)"),
     ("data.options.bits", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.options.bits=8"),
     ("data.options.window", _is_int, "an integer", lambda v: v >= 1, ">= 1", "data.options.window=1000"),
     ("data.options.threshold", _is_num, "a number", lambda v: v > 0, "> 0", "data.options.threshold=0.15"),
@@ -75,6 +79,8 @@ def check_config(cfg: DictConfig, extra: list[Rule] | None = None) -> None:
             continue
         if not is_type(value):
             raise ConfigError(f"{key} must be {type_name} (got {value!r}): set e.g. {fix}")
+        if isinstance(value, float) and not math.isfinite(value):  # no setting of sgrun takes inf or nan
+            raise ConfigError(f"{key} must be a finite number (got {value!r}): set e.g. {fix}")
         if not in_range(value):
             raise ConfigError(f"{key} must be {range_text} (got {value!r}): set e.g. {fix}")
     threads = _get(cfg, "runtime.threads")

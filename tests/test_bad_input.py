@@ -28,6 +28,12 @@ CASES = {
     "'+' addition of a key nothing reads": (["+foo=1"], ["no key 'foo'", "sgrun --cfg job"]),
     "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be > 0 and finite", "optim.lr="]),
     "NaN update_prob": (["train.update_prob=nan"], ["train.update_prob"]),
+    "infinite synthesizer learning-rate factor": (["dni=every_layer", "dni.lr_factor=inf"],
+                                                  ["dni.lr_factor must be a finite number"]),
+    "NaN bootstrap scale": (["experiment=table1_copy", "dni.bootstrap_scale=nan"],
+                            ["dni.bootstrap_scale must be a finite number"]),
+    "plateau of zero episodes": (["experiment=table1_copy", "train.plateau_samples=0"],
+                                 ["train.plateau_samples must be >= 1"]),
     "every_k on a feed-forward net": (["dni=every_k"], ["dni=every_k is for model=rnn", "dni=cdni"]),
 }
 

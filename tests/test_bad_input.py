@@ -26,7 +26,7 @@ CASES = {
     "missing dataset": (["data=mnist", "data.download=false"], ["MNIST not found", "train-images-idx3-ubyte"]),
     "'+' addition with a typo": (["+model.hiden=3"], ["'model.hiden'", "did you mean model.hidden?"]),
     "'+' addition of a key nothing reads": (["+foo=1"], ["no key 'foo'", "sgrun --cfg job"]),
-    "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be > 0 and finite", "optim.lr="]),
+    "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be a finite number", "optim.lr="]),
     "NaN update_prob": (["train.update_prob=nan"], ["train.update_prob"]),
     "infinite synthesizer learning-rate factor": (["dni=every_layer", "dni.lr_factor=inf"],
                                                   ["dni.lr_factor must be a finite number"]),

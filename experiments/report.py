@@ -332,6 +332,10 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
             note = f"failed: {first_line(failed[0].message)} (see {shown(failed[0].path)}/FAILED)"
         else:
             note = ""
+        broken = [r for r in preset_runs if r.status == "unfinished" and r.message]
+        if broken:
+            note = "; ".join(filter(None, [note, f"{len(broken)} unfinished: {shown(broken[0].path)}: "
+                                                  f"{first_line(broken[0].message)}"]))
         steps = sorted({v for r in preset_runs if isinstance(v := r.get("metrics.steps"), int)})
         lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | {seeds or '–'} | "
                      f"{', '.join(map(str, steps)) or '–'} | {minutes:.1f} | {note.replace('|', '/')} |")

@@ -97,6 +97,9 @@ def load_run(job: Path) -> Run | None:
                       metrics=summary.get("metrics") or {})
     elif failed_path.exists():
         status, message = "failed", failed_path.read_text(errors="replace").strip()
+    elif summary_path.exists():
+        # cut short or corrupted: not finished (make reproduce trains it again), and said so
+        message = f"{SUMMARY} is unreadable or incomplete: not counted as finished"
     if not record["choice"]:
         record["choice"] = dict(record["choices"])
     record["preset"] = (record["choice"].get("experiment") or record["choices"].get("experiment")

@@ -651,3 +651,12 @@ def test_a_full_disk_leaves_the_previous_report_whole(runs, tmp_path, monkeypatc
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
     assert (out / "RESULTS.md").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_corrupt_summary_is_reported_not_skipped(runs, tmp_path):
+    """A summary.json cut short counts as unfinished, and the report names it."""
+    job = next(p for p in sorted((runs / "smoke" / "mnist_fcn").iterdir()) if (p / "summary.json").exists())
+    (job / "summary.json").write_text('{"status": "finish')
+    text = write(runs, tmp_path / "out")
+    row = next(line for line in text.splitlines() if line.startswith("| mnist_fcn |"))
+    assert "1 unfinished:" in row and job.name in row and "summary.json is unreadable" in row

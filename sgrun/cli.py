@@ -19,9 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sgrun import threads
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
@@ -45,11 +46,32 @@ _failures: list[str] = []
 
 
 class ReportFailures(Callback):
-    """After a sweep, collect the jobs that wrote a ``FAILED`` file (works for every launcher)."""
+    """What a sweep needs from the process that launches its jobs (works for every launcher):
+
+    * before the jobs start, the thread count ``runtime.threads: null`` means, in
+      ``$SGRUN_THREADS`` for every job (:mod:`sgrun.threads`), so that the launcher does not
+      change the numbers;
+    * after the sweep, the jobs that wrote a ``FAILED`` file.
+    """
+
+    def __init__(self) -> None:
+        self._set_threads = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if threads.ENV not in os.environ:
+            os.environ[threads.ENV] = str(threads.default_threads())
+            self._set_threads = True
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self._set_threads:
+            os.environ.pop(threads.ENV, None)
+            self._set_threads = False
         sweep_dir = Path(config.hydra.sweep.dir)
         _failures.extend(sorted(str(p.parent) for p in sweep_dir.glob(f"*/{FAILED}")))
+
+
+# the local launcher's n_jobs: as many jobs at once as fit on the cores (conf/hydra/launcher/)
+OmegaConf.register_new_resolver("sgrun.parallel_jobs", threads.parallel_jobs, replace=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -37,6 +37,7 @@ from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
+from sgrun.threads import resolve_threads
 
 log = logging.getLogger("sgrun")
 
@@ -157,13 +158,15 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
-        with ckpt, torch_threads(cfg.runtime):
+        with ckpt, torch_threads(cfg.runtime) as threads:
             if cfg.runtime.name == "pipeline":
-                from sgrun.pipeline import (
-                    train_pipeline,  # its own processes; imports torch.distributed
+                from sgrun.pipeline import (  # its own processes; imports torch.distributed
+                    pipeline_threads,
+                    train_pipeline,
                 )
 
                 metrics, model = train_pipeline(cfg, session)
+                threads = pipeline_threads(cfg)
             else:
                 task = task_cls(cfg, device)
                 metrics, model = fit(task, cfg, session)
@@ -178,6 +181,7 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
+        "threads": threads,  # torch threads (per process for a pipeline): they change the numbers
         "files": {MODEL: model_file},
         "choices": choices_of(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -194,14 +198,17 @@ def _saved(obj) -> bytes:
 
 @contextlib.contextmanager
 def torch_threads(runtime: DictConfig):
-    """``runtime.threads`` torch threads for an in-process run (``null``: torch's default); the
-    setting is process-wide, so it is restored afterwards.  A pipeline sets its stages' own."""
-    threads = runtime.get("threads")
+    """An in-process run's torch threads: ``runtime.threads``, or for ``null`` the thread count of
+    the ``sgrun`` command that was started, in every job whichever launcher runs it
+    (:mod:`sgrun.threads`); yields the count.  The setting is process-wide, so it is restored
+    afterwards.  A pipeline sets its stages' own (yields None)."""
     before = torch.get_num_threads()
-    if runtime.name == "inprocess" and threads is not None:
-        torch.set_num_threads(int(threads))
+    threads = None
+    if runtime.name == "inprocess":
+        threads = resolve_threads(runtime.get("threads"))
+        torch.set_num_threads(threads)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(before)
 
@@ -245,8 +252,8 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         tick_step, first, last_ckpt = r["tick_step"], r["step"] + 1, r["step"]
     lr = float(cfg.optim.lr)
     log.info("%s", task.describe())
-    log.info("budget: profile=%s, %d steps, lr %.3g, log every %d, evaluate every %d", cfg.profile.name, steps, lr,
-             log_every, eval_every)
+    log.info("budget: profile=%s, %d steps, lr %.3g, log every %d, evaluate every %d, %d torch thread(s)",
+             cfg.profile.name, steps, lr, log_every, eval_every, torch.get_num_threads())
 
     def loop_state() -> dict:
         nonlocal last_ckpt

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
 from clirun import SMOKE, sgrun
+
+from sgrun import threads
+from sgrun.errors import ConfigError
 
 
 def test_single_run_writes_summary_and_events(tmp_path):
@@ -41,3 +45,43 @@ def test_help_lists_the_groups(tmp_path):
     assert r.returncode == 0
     for group in ("model:", "dni:", "data:", "profile:", "experiment:"):
         assert group in r.stdout
+
+
+TIMING = ("seconds", "minutes")  # wall-clock values; *_per_sec too
+
+
+def untimed(summary: dict) -> dict:
+    return {k: v for k, v in summary["metrics"].items()
+            if k not in TIMING and not k.endswith("_per_sec")}
+
+
+@pytest.mark.slow
+def test_both_launchers_give_the_same_numbers(tmp_path):
+    # 30 steps: enough for 1 and 2 torch threads to end apart. Without OMP_NUM_THREADS joblib's
+    # workers start on cores // n_jobs threads, the basic launcher on torch's default; null
+    # runtime.threads must mean the same count in every job.
+    sweep = ["-m", "data=synthetic", "device=cpu", "train.steps=30", "seed=0,1"]
+    unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", threads.ENV)
+    results = {}
+    for name, launcher in (("basic", []), ("local", ["hydra/launcher=local"])):
+        r = sgrun(*sweep, *launcher, f"hydra.sweep.dir={name}", cwd=tmp_path, unset=unset)
+        assert r.returncode == 0, r.stderr
+        folders = sorted((tmp_path / name).glob("*/summary.json"))
+        summaries = [json.loads(p.read_text()) for p in folders]
+        assert len(summaries) == 2
+        results[name] = [(untimed(s), s["files"], s["threads"]) for s in summaries]
+    assert results["basic"] == results["local"]  # metrics, model.pt checksums and thread counts
+    count = results["basic"][0][2]
+    assert f"{count} torch thread(s)" in (next((tmp_path / "local").glob("*/cli.log"))).read_text()
+
+
+def test_null_threads_is_the_sweep_commands_count(monkeypatch):
+    monkeypatch.setenv(threads.ENV, "2")
+    assert threads.resolve_threads(None) == 2 and threads.resolve_threads(3) == 3
+    monkeypatch.setattr(threads, "cores", lambda: 8)
+    assert threads.parallel_jobs(None) == 4  # 4 jobs x 2 threads fill the 8 cores
+    assert threads.parallel_jobs(1) == 8 and threads.parallel_jobs(16) == 1
+    assert threads.parallel_jobs("auto") == 1  # a pipeline job spreads over every core itself
+    monkeypatch.setenv(threads.ENV, "0")
+    with pytest.raises(ConfigError, match="SGRUN_THREADS"):
+        threads.default_threads()

@@ -307,8 +307,10 @@ def launcher(*overrides: str):
 
 def test_launchers_compose():
     local = launcher("hydra/launcher=local")
-    assert local._target_.endswith("JoblibLauncher") and local.n_jobs == -1 and local.prefer == "processes"
+    assert local._target_.endswith("JoblibLauncher") and local.prefer == "processes"
+    assert local.n_jobs >= 1  # cores // threads
     slurm = launcher("hydra/launcher=slurm", "hydra.launcher.partition=cpu")
     assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "cpu"
     assert slurm.timeout_min > 0 and slurm.cpus_per_task >= 1
-    assert slurm.setup == [f"export OMP_NUM_THREADS={slurm.cpus_per_task}"]
+    assert slurm.setup == [f"export OMP_NUM_THREADS={slurm.cpus_per_task}",
+                           f"export SGRUN_THREADS={slurm.cpus_per_task}"]

@@ -252,8 +252,9 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         tick_step, first, last_ckpt = r["tick_step"], r["step"] + 1, r["step"]
     lr = float(cfg.optim.lr)
     log.info("%s", task.describe())
-    log.info("budget: profile=%s, %d steps, lr %.3g, log every %d, evaluate every %d, %d torch thread(s)",
-             cfg.profile.name, steps, lr, log_every, eval_every, torch.get_num_threads())
+    log.info("%s", budget_line(cfg, steps, lr, log_every, eval_every, torch.get_num_threads()))
+    # the run's time, logged once at the measured speed
+    estimated, timed_from, eval_before = False, 0.0, 0.0
 
     def loop_state() -> dict:
         nonlocal last_ckpt
@@ -311,6 +312,14 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
                 seconds.append(round(t_eval - loop_start - eval_time, 3))
                 writer.scalars(task.evaluate(step), step)
                 eval_time += time.time() - t_eval
+            if not estimated and step < steps:  # timed from the end of the first step (its warm-up)
+                now = time.time()
+                if step == first:
+                    timed_from, eval_before = now, eval_time
+                elif logging_step or now - timed_from - (eval_time - eval_before) >= ESTIMATE_AFTER:
+                    timed = now - timed_from - (eval_time - eval_before)
+                    log.info("%s", estimate_line(step - first, timed, steps - first + 1, first > 1))
+                    estimated = True
             bar.update(1)
             session.step_done(step, steps, loop_state)
             if task.should_stop():
@@ -325,6 +334,29 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         metrics["skipped_groups"] = skipped
         log.info("stochastic updates: %d of %d layer-group updates skipped", skipped, step * len(groups))
     return metrics, model
+
+
+ESTIMATE_AFTER = 5.0  # seconds of training before the run's time is estimated (or the first log)
+
+
+def budget_line(cfg: DictConfig, steps: int, lr: float, log_every: int, eval_every: int,
+                threads: int) -> str:
+    """The one line that says what a run will do; a paper preset points to its CPU-sized budget."""
+    line = (f"budget: profile={cfg.profile.name}, {steps} steps, lr {lr:.3g}, "
+            f"log every {log_every}, evaluate every {eval_every}, {threads} torch thread(s)")
+    if cfg.profile.name == "paper" and cfg.get("name"):
+        line += " (for a CPU-sized run: add profile=cpu)"
+    return line
+
+
+def estimate_line(done: int, seconds: float, total: int, resumed: bool = False) -> str:
+    """How long ``total`` steps take at the speed of the first ``done`` (training only)."""
+    rate = done / max(seconds, 1e-9)
+    minutes = total / rate / 60
+    shown = f"{minutes:.1f}" if minutes < 10 else f"{minutes:.0f}"
+    hours = f" ({minutes / 60:.0f} h)" if minutes >= 120 else ""
+    what = f"the {total} remaining steps" if resumed else f"all {total} steps"
+    return f"budget: about {shown} min{hours} for {what} at the measured {rate:.3g} steps/s"
 
 
 # Settings that change how a run is carried out, not what it computes: a run resumed or re-run with

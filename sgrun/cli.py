@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sgrun import threads
+from sgrun import sweep, threads
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
@@ -45,29 +45,50 @@ log = logging.getLogger("sgrun")
 _failures: list[str] = []
 
 
-class ReportFailures(Callback):
-    """What a sweep needs from the process that launches its jobs (works for every launcher):
+class SweepReport(Callback):
+    """What a sweep needs around its jobs, with every launcher (each hook runs in the process Hydra
+    runs it in: the launching one for the multirun hooks, the job's own for ``on_job_start``):
 
     * before the jobs start, the thread count ``runtime.threads: null`` means, in
       ``$SGRUN_THREADS`` for every job (:mod:`sgrun.threads`), so that the launcher does not
-      change the numbers;
-    * after the sweep, the jobs that wrote a ``FAILED`` file.
+      change the numbers, and the sweep's token in ``$SGRUN_SWEEP``;
+    * each job records itself in its folder (:mod:`sgrun.sweep`);
+    * after the sweep, the table of its jobs (folder, the choices that vary, headline result,
+      status), and the jobs that wrote a ``FAILED`` file for the exit status.
     """
 
     def __init__(self) -> None:
-        self._set_threads = False
+        self._token = ""
+        self._environ: dict[str, str | None] = {}  # what the variables set here were before
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if threads.ENV not in os.environ:
-            os.environ[threads.ENV] = str(threads.default_threads())
-            self._set_threads = True
+        self._token = sweep.new_token()
+        self._environ = {name: os.environ.get(name) for name in (threads.ENV, sweep.ENV)}
+        os.environ.setdefault(threads.ENV, str(threads.default_threads()))  # yours, if you set it
+        os.environ[sweep.ENV] = self._token
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        hc = config.hydra
+        if hc.mode == RunMode.MULTIRUN:
+            sweep.record_job(hc.runtime.output_dir, hc.job.num, list(hc.overrides.task))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if self._set_threads:
-            os.environ.pop(threads.ENV, None)
-            self._set_threads = False
+        for name, before in self._environ.items():
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+        self._environ = {}
         sweep_dir = Path(config.hydra.sweep.dir)
-        _failures.extend(sorted(str(p.parent) for p in sweep_dir.glob(f"*/{FAILED}")))
+        jobs = sweep.sweep_jobs(sweep_dir, self._token)
+        if not jobs:  # no records (jobs not started through this callback): every FAILED there
+            _failures.extend(sorted(str(p.parent) for p in sweep_dir.glob(f"*/{FAILED}")))
+            return
+        print(sweep.table(jobs, sweep_dir), flush=True)
+        _failures.extend(str(job.folder) for job in jobs if job.status == "failed")
+
+
+ReportFailures = SweepReport  # the callback's earlier name
 
 
 # the local launcher's n_jobs: as many jobs at once as fit on the cores (conf/hydra/launcher/)

@@ -5,7 +5,7 @@ import json
 import pytest
 from clirun import SMOKE, sgrun
 
-from sgrun import threads
+from sgrun import sweep, threads
 from sgrun.errors import ConfigError
 
 
@@ -38,6 +38,20 @@ def test_failing_job_does_not_stop_the_sweep(tmp_path):
     assert "1 job(s) of the sweep failed" in r.stderr
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 1
     assert "model.layers" in next((tmp_path / "sweep").glob("*/FAILED")).read_text()
+    # the sweep's table: folder, the choice that varies, the result or the error, the status
+    rows = job_rows(r.stdout)
+    assert [row.split()[1] for row in rows] == ["1", "3"]
+    assert "model.layers must be >= 2" in rows[0] and rows[0].endswith("failed")
+    assert "test error" in rows[1] and rows[1].endswith("finished")
+    assert "sgrun: the sweep's 2 job(s) in sweep: 1 finished, 1 failed" in r.stdout
+
+
+def job_rows(stdout: str) -> list[str]:
+    """The rows of the table a sweep ends with (after its header line and column names)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("sgrun: the sweep's"))
+    assert lines[start + 1].split()[:2] == ["job", "folder"]
+    return [line.strip() for line in lines[start + 2:] if line.startswith("  ")]
 
 
 def test_help_lists_the_groups(tmp_path):
@@ -70,6 +84,10 @@ def test_both_launchers_give_the_same_numbers(tmp_path):
         summaries = [json.loads(p.read_text()) for p in folders]
         assert len(summaries) == 2
         results[name] = [(untimed(s), s["files"], s["threads"]) for s in summaries]
+        rows = job_rows(r.stdout)  # the sweep's table, whichever launcher ran the jobs
+        assert [row.split()[:2] for row in rows] == [[p.parent.name, str(seed)]
+                                                     for seed, p in enumerate(folders)]
+        assert all("test error" in row and row.endswith("finished") for row in rows)
     assert results["basic"] == results["local"]  # metrics, model.pt checksums and thread counts
     count = results["basic"][0][2]
     assert f"{count} torch thread(s)" in (next((tmp_path / "local").glob("*/cli.log"))).read_text()
@@ -85,3 +103,19 @@ def test_null_threads_is_the_sweep_commands_count(monkeypatch):
     monkeypatch.setenv(threads.ENV, "0")
     with pytest.raises(ConfigError, match="SGRUN_THREADS"):
         threads.default_threads()
+
+
+def test_the_table_lists_only_this_sweeps_jobs(tmp_path, monkeypatch):
+    jobs = (("old_job", "earlier", 0), ("0_seed=0", "this", 0), ("1_seed=1", "this", 1))
+    for folder, token, num in jobs:  # an earlier sweep's job in the same folder has another token
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(sweep.ENV, token)
+        sweep.record_job(tmp_path / folder, num, ["data=synthetic", f"seed={num}"])
+    traceback = "Traceback (most recent call last):\n  ...\nValueError: bad\n"
+    (tmp_path / "1_seed=1" / "FAILED").write_text(traceback)
+    jobs = sweep.sweep_jobs(tmp_path, "this")
+    assert [(j.folder.name, j.status, j.result) for j in jobs] == [
+        ("0_seed=0", "unfinished", "-"), ("1_seed=1", "failed", "ValueError: bad")]
+    text = sweep.table(jobs, tmp_path)
+    assert text.splitlines()[1].split() == ["job", "folder", "seed", "result", "status"]
+    assert "1 failed, 1 unfinished" in text.splitlines()[0]

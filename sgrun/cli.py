@@ -91,6 +91,15 @@ class SweepReport(Callback):
 ReportFailures = SweepReport  # the callback's earlier name
 
 
+def _help_groups(*, _root_) -> str:
+    from sgrun.help import chosen_now, groups_text
+
+    # the text goes through Hydra's string.Template: a literal $ is $$
+    return groups_text(CONF_DIR, chosen_now(CONF_DIR, _root_)).replace("$", "$$")
+
+
+# sgrun --help lists the groups from conf/ (conf/hydra/help/sgrun.yaml)
+OmegaConf.register_new_resolver("sgrun.help_groups", _help_groups, replace=True)
 # the local launcher's n_jobs: as many jobs at once as fit on the cores (conf/hydra/launcher/)
 OmegaConf.register_new_resolver("sgrun.parallel_jobs", threads.parallel_jobs, replace=True)
 
@@ -190,6 +199,9 @@ def main() -> None:
     except PermissionError as e:
         fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with hydra.run.dir=<dir> "
              "(or hydra.sweep.dir=<dir> for -m)")
+    except BrokenPipeError:  # e.g. sgrun --help | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as e:
         if e.filename is None:
             raise

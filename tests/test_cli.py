@@ -1,11 +1,13 @@
 """The installed ``sgrun`` command in a subprocess: a run, a multirun sweep, ``python -m sgrun``."""
 
 import json
+from pathlib import Path
 
 import pytest
 from clirun import SMOKE, sgrun
 
 from sgrun import sweep, threads
+from sgrun.cli import CONF_DIR
 from sgrun.errors import ConfigError
 
 
@@ -54,11 +56,65 @@ def job_rows(stdout: str) -> list[str]:
     return [line.strip() for line in lines[start + 2:] if line.startswith("  ")]
 
 
-def test_help_lists_the_groups(tmp_path):
+HELP_GROUPS = ("model", "data", "dni", "optim", "runtime", "experiment", "profile",
+               "hydra/launcher")
+
+
+def help_sections(text: str) -> dict[str, list[str]]:
+    """``{group: [option, ...]}`` from the group list of ``sgrun --help``."""
+    sections: dict[str, list[str]] = {}
+    group = None
+    for line in text.split("== Choose from")[1].split("== Config")[0].splitlines()[1:]:
+        if line and not line.startswith(" "):
+            group = line.split(":")[0]
+            sections[group] = []
+        elif line.startswith("  ") and group and line.strip():
+            sections[group].append(line.lstrip(" *").split()[0])
+    return sections
+
+
+def test_help_says_what_sgrun_is_and_lists_every_choice(tmp_path):
     r = sgrun("--help", cwd=tmp_path)
-    assert r.returncode == 0
-    for group in ("model:", "dni:", "data:", "profile:", "experiment:"):
-        assert group in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('sgrun reproduces "Decoupled Neural Interfaces using Synthetic '
+                               'Gradients" (Jaderberg et al. 2017)')
+    intro = r.stdout.split("== Choose from")[0]
+    for command in ("sgrun model=rnn dni=every_k", "sgrun experiment=<preset> profile=cpu",
+                    "sgrun -m ", "make reproduce"):
+        assert command in intro
+    assert "powered by Hydra" not in r.stdout
+    sections = help_sections(r.stdout)
+    assert list(sections) == list(HELP_GROUPS)  # and no internal group (demo, model_dni, ...)
+    conf = Path(CONF_DIR)
+    for group in HELP_GROUPS:
+        files = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        assert sorted(set(sections[group]) - {"basic"}) == files, group
+    assert "basic" in sections["hydra/launcher"]
+    listed = r.stdout.split("== Choose from")[1].split("== Config")[0]
+    for internal in ("demo:", "model_dni:", "experiment_profile:", "data/default", "mnist_fcn_cpu",
+                     "rnn_cdni", "feedforward_smoke"):
+        assert internal not in listed
+    # every option has its file's one-line summary, and the defaults are marked as chosen
+    assert "  * fcn   A fully connected net" in r.stdout
+    assert "  * basic  Hydra's default" in r.stdout
+
+
+def test_help_marks_the_choices_of_the_command_line(tmp_path):
+    r = sgrun("model=rnn", "hydra/launcher=local", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    chosen = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("  * ")]
+    assert chosen == ["rnn", "copy", "every_k", "adam", "inprocess", "paper", "local"]
+
+
+def test_every_option_has_a_one_line_summary():
+    from sgrun.help import GROUPS, option_files, summary
+
+    conf = Path(CONF_DIR)
+    for group, _ in GROUPS:
+        for name in option_files(conf, group):
+            text = summary(conf / group / f"{name}.yaml")
+            where = f"conf/{group}/{name}.yaml: its first comment line {text!r}"
+            assert text and len(text) <= 70, where
 
 
 TIMING = ("seconds", "minutes")  # wall-clock values; *_per_sec too

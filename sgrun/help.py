@@ -27,7 +27,8 @@ GROUPS = (
     ("hydra/launcher", "where a sweep's jobs run (with -m)"),
 )
 # options that have no file in conf/: Hydra's own
-BUILTIN = {"hydra/launcher": {"basic": "Hydra's default: the jobs one after the other in this process."}}
+BUILTIN = {"hydra/launcher": {
+    "basic": "Hydra's default: the jobs one after the other in this process."}}
 
 
 def option_files(conf: Path, group: str) -> list[str]:
@@ -53,15 +54,17 @@ def groups_text(conf: str | Path, chosen: dict[str, str | None] | None = None) -
     conf, chosen = Path(conf), chosen or {}
     lines = []
     for group, what in GROUPS:
-        options = {name: summary(conf / group / f"{name}.yaml") for name in option_files(conf, group)}
-        options = {**BUILTIN.get(group, {}), **options}
+        options = dict(BUILTIN.get(group, {}))
+        options.update((name, summary(conf / group / f"{name}.yaml"))
+                       for name in option_files(conf, group))
         lines.append(f"{group}: {what}")
         width = max(len(name) for name in options)
         for name, text in options.items():
             mark = "*" if chosen.get(group) == name else " "
             lead = f"  {mark} {name.ljust(width)}  "
-            lines.append(textwrap.fill(text, WIDTH, initial_indent=lead,
-                                       subsequent_indent=" " * len(lead)) if text else lead.rstrip())
+            indent = " " * len(lead)
+            lines.append(textwrap.fill(text, WIDTH, initial_indent=lead, subsequent_indent=indent)
+                         if text else lead.rstrip())
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 
@@ -76,7 +79,8 @@ def chosen_now(conf: str | Path, root) -> dict[str, str | None]:
     if data is not None and data.get("name") is not None:
         choices["data"] = data.name  # the option "default/<family>" is the family's own dataset
     mapped = Path(conf) / "model_dni" / f"{choices.get('model_dni')}.yaml"
-    if choices.get("model_dni") and mapped.is_file():  # e.g. model=rnn turns the default cdni into every_k
+    # e.g. model=rnn turns the default dni=cdni into every_k
+    if choices.get("model_dni") and mapped.is_file():
         found = re.search(r"/dni/(\w+)@_here_", mapped.read_text())
         if found:
             choices["dni"] = found.group(1)

@@ -58,7 +58,8 @@ def sweep_jobs(sweep_dir: str | Path, token: str) -> list[Job]:
             continue
         if not isinstance(record, dict) or record.get("sweep") != token:
             continue
-        job = Job(path.parent, int(record.get("num", -1)), parse_overrides(record.get("overrides", [])))
+        overrides = parse_overrides(record.get("overrides", []))
+        job = Job(path.parent, int(record.get("num", -1)), overrides)
         job.status, job.result = outcome(job.folder)
         jobs.append(job)
     return sorted(jobs, key=lambda j: (j.num, str(j.folder)))

@@ -100,8 +100,13 @@ def _help_groups(*, _root_) -> str:
 
 # sgrun --help lists the groups from conf/ (conf/hydra/help/sgrun.yaml)
 OmegaConf.register_new_resolver("sgrun.help_groups", _help_groups, replace=True)
+def _parallel_jobs(*, _root_) -> int:
+    # runtime.threads of the composed config; absent where only the hydra node is (--cfg hydra)
+    return threads.parallel_jobs(OmegaConf.select(_root_, "runtime.threads", default=None))
+
+
 # the local launcher's n_jobs: as many jobs at once as fit on the cores (conf/hydra/launcher/)
-OmegaConf.register_new_resolver("sgrun.parallel_jobs", threads.parallel_jobs, replace=True)
+OmegaConf.register_new_resolver("sgrun.parallel_jobs", _parallel_jobs, replace=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

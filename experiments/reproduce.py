@@ -3,7 +3,7 @@
     python experiments/reproduce.py --profile cpu                   # every preset, seed 0
     python experiments/reproduce.py --profile cpu --seeds 3         # seeds 0, 1, 2
     python experiments/reproduce.py --profile smoke --only mnist_fcn,mnist_cnn
-    python experiments/reproduce.py --profile cpu --launcher local  # jobs in parallel on every core
+    python experiments/reproduce.py --profile cpu --launcher local  # a job per core, 1 thread each
     python experiments/reproduce.py --profile smoke -- data=synthetic model.layers=3   # extra overrides
 
 A preset runs as ``sgrun -m experiment=<preset> profile=<profile> hydra.sweep.dir=<runs>/<profile>/<preset>``.
@@ -105,11 +105,12 @@ def reproduce_preset(preset: str, args, extra: list[str]) -> Outcome:
     start = time.time()
     log_path = sweep_dir / "reproduce.log"
     env = dict(os.environ)
-    threads = args.threads or (1 if args.profile == "smoke" else None)
+    threads = args.threads or (1 if args.profile == "smoke" or args.launcher == "local" else None)
     if threads and "OMP_NUM_THREADS" not in env:
         # Smoke runs are a few steps on small tensors: torch's worker threads only add start-up and,
         # on a machine shared with other jobs, spin-waiting (measured here: 22 s instead of 1 s for
-        # the 4 steps of a DNI FCN).
+        # the 4 steps of a DNI FCN). The local launcher runs cores // threads jobs at once: one
+        # thread each puts a job on every core.
         env["OMP_NUM_THREADS"] = str(threads)
     error = ""
     for seed in range(args.seeds):
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default=None, help="a Hydra launcher, e.g. local (conf/hydra/launcher/)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (OMP_NUM_THREADS, unless already set); "
-                             "default: 1 for profile=smoke, torch's own choice otherwise")
+                             "default: 1 for profile=smoke and --launcher local, torch's own "
+                             "choice otherwise")
     parser.add_argument("--dry-run", action="store_true", help="print the sgrun commands only")
     args = parser.parse_args(argv)
     presets = paper_presets()

@@ -20,9 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sgrun import sweep, threads
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError
 
@@ -45,12 +46,68 @@ log = logging.getLogger("sgrun")
 _failures: list[str] = []
 
 
-class ReportFailures(Callback):
-    """After a sweep, collect the jobs that wrote a ``FAILED`` file (works for every launcher)."""
+class SweepReport(Callback):
+    """What a sweep needs around its jobs, with every launcher (each hook runs in the process Hydra
+    runs it in: the launching one for the multirun hooks, the job's own for ``on_job_start``):
+
+    * before the jobs start, the thread count ``runtime.threads: null`` means, in
+      ``$SGRUN_THREADS`` for every job (:mod:`sgrun.threads`), so that the launcher does not
+      change the numbers, and the sweep's token in ``$SGRUN_SWEEP``;
+    * each job records itself in its folder (:mod:`sgrun.sweep`);
+    * after the sweep, the table of its jobs (folder, the choices that vary, headline result,
+      status), and the jobs that wrote a ``FAILED`` file for the exit status.
+    """
+
+    def __init__(self) -> None:
+        self._token = ""
+        self._environ: dict[str, str | None] = {}  # what the variables set here were before
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._token = sweep.new_token()
+        self._environ = {name: os.environ.get(name) for name in (threads.ENV, sweep.ENV)}
+        os.environ.setdefault(threads.ENV, str(threads.default_threads()))  # yours, if you set it
+        os.environ[sweep.ENV] = self._token
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        hc = config.hydra
+        if hc.mode == RunMode.MULTIRUN:
+            sweep.record_job(hc.runtime.output_dir, hc.job.num, list(hc.overrides.task))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        for name, before in self._environ.items():
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+        self._environ = {}
         sweep_dir = Path(config.hydra.sweep.dir)
-        _failures.extend(sorted(str(p.parent) for p in sweep_dir.glob(f"*/{FAILED}")))
+        jobs = sweep.sweep_jobs(sweep_dir, self._token)
+        if not jobs:  # no records (jobs not started through this callback): every FAILED there
+            _failures.extend(sorted(str(p.parent) for p in sweep_dir.glob(f"*/{FAILED}")))
+            return
+        print(sweep.table(jobs, sweep_dir), flush=True)
+        _failures.extend(str(job.folder) for job in jobs if job.status == "failed")
+
+
+ReportFailures = SweepReport  # the callback's earlier name
+
+
+def _help_groups(*, _root_) -> str:
+    from sgrun.help import chosen_now, groups_text
+
+    # the text goes through Hydra's string.Template: a literal $ is $$
+    return groups_text(CONF_DIR, chosen_now(CONF_DIR, _root_)).replace("$", "$$")
+
+
+# sgrun --help lists the groups from conf/ (conf/hydra/help/sgrun.yaml)
+OmegaConf.register_new_resolver("sgrun.help_groups", _help_groups, replace=True)
+def _parallel_jobs(*, _root_) -> int:
+    # runtime.threads of the composed config; absent where only the hydra node is (--cfg hydra)
+    return threads.parallel_jobs(OmegaConf.select(_root_, "runtime.threads", default=None))
+
+
+# the local launcher's n_jobs: as many jobs at once as fit on the cores (conf/hydra/launcher/)
+OmegaConf.register_new_resolver("sgrun.parallel_jobs", _parallel_jobs, replace=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -165,6 +222,9 @@ def main() -> None:
     except PermissionError as e:
         fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with hydra.run.dir=<dir> "
              "(or hydra.sweep.dir=<dir> for -m)")
+    except BrokenPipeError:  # e.g. sgrun --help | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except OSError as e:
         if e.filename is None:
             raise

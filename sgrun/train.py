@@ -37,6 +37,7 @@ from sgrun.guard import check_finite
 from sgrun.locks import folder_lock
 from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
+from sgrun.threads import resolve_threads
 
 log = logging.getLogger("sgrun")
 
@@ -147,13 +148,15 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
     session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
-        with ckpt, torch_threads(cfg.runtime):
+        with ckpt, torch_threads(cfg.runtime) as threads:
             if cfg.runtime.name == "pipeline":
-                from sgrun.pipeline import (
-                    train_pipeline,  # its own processes; imports torch.distributed
+                from sgrun.pipeline import (  # its own processes; imports torch.distributed
+                    pipeline_threads,
+                    train_pipeline,
                 )
 
                 metrics, model = train_pipeline(cfg, session)
+                threads = pipeline_threads(cfg)
             else:
                 task = task_cls(cfg, device)
                 metrics, model = fit(task, cfg, session)
@@ -168,6 +171,7 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
+        "threads": threads,  # torch threads (per process for a pipeline): they change the numbers
         "files": {MODEL: model_file},
         "choices": choices_of(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -184,14 +188,17 @@ def _saved(obj) -> bytes:
 
 @contextlib.contextmanager
 def torch_threads(runtime: DictConfig):
-    """``runtime.threads`` torch threads for an in-process run (``null``: torch's default); the
-    setting is process-wide, so it is restored afterwards.  A pipeline sets its stages' own."""
-    threads = runtime.get("threads")
+    """An in-process run's torch threads: ``runtime.threads``, or for ``null`` the thread count of
+    the ``sgrun`` command that was started, in every job whichever launcher runs it
+    (:mod:`sgrun.threads`); yields the count.  The setting is process-wide, so it is restored
+    afterwards.  A pipeline sets its stages' own (yields None)."""
     before = torch.get_num_threads()
-    if runtime.name == "inprocess" and threads is not None:
-        torch.set_num_threads(int(threads))
+    threads = None
+    if runtime.name == "inprocess":
+        threads = resolve_threads(runtime.get("threads"))
+        torch.set_num_threads(threads)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(before)
 
@@ -235,8 +242,9 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         tick_step, first, last_ckpt = r["tick_step"], r["step"] + 1, r["step"]
     lr = float(cfg.optim.lr)
     log.info("%s", task.describe())
-    log.info("budget: profile=%s, %d steps, lr %.3g, log every %d, evaluate every %d", cfg.profile.name, steps, lr,
-             log_every, eval_every)
+    log.info("%s", budget_line(cfg, steps, lr, log_every, eval_every, torch.get_num_threads()))
+    # the run's time, logged once at the measured speed
+    estimated, timed_from, eval_before = False, 0.0, 0.0
 
     def loop_state() -> dict:
         nonlocal last_ckpt
@@ -294,6 +302,14 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
                 seconds.append(round(t_eval - loop_start - eval_time, 3))
                 writer.scalars(task.evaluate(step), step)
                 eval_time += time.time() - t_eval
+            if not estimated and step < steps:  # timed from the end of the first step (its warm-up)
+                now = time.time()
+                if step == first:
+                    timed_from, eval_before = now, eval_time
+                elif logging_step or now - timed_from - (eval_time - eval_before) >= ESTIMATE_AFTER:
+                    timed = now - timed_from - (eval_time - eval_before)
+                    log.info("%s", estimate_line(step - first, timed, steps - first + 1, first > 1))
+                    estimated = True
             bar.update(1)
             session.step_done(step, steps, loop_state)
             if task.should_stop():
@@ -308,6 +324,29 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         metrics["skipped_groups"] = skipped
         log.info("stochastic updates: %d of %d layer-group updates skipped", skipped, step * len(groups))
     return metrics, model
+
+
+ESTIMATE_AFTER = 5.0  # seconds of training before the run's time is estimated (or the first log)
+
+
+def budget_line(cfg: DictConfig, steps: int, lr: float, log_every: int, eval_every: int,
+                threads: int) -> str:
+    """The one line that says what a run will do; a paper preset points to its CPU-sized budget."""
+    line = (f"budget: profile={cfg.profile.name}, {steps} steps, lr {lr:.3g}, "
+            f"log every {log_every}, evaluate every {eval_every}, {threads} torch thread(s)")
+    if cfg.profile.name == "paper" and cfg.get("name"):
+        line += " (for a CPU-sized run: add profile=cpu)"
+    return line
+
+
+def estimate_line(done: int, seconds: float, total: int, resumed: bool = False) -> str:
+    """How long ``total`` steps take at the speed of the first ``done`` (training only)."""
+    rate = done / max(seconds, 1e-9)
+    minutes = total / rate / 60
+    shown = f"{minutes:.1f}" if minutes < 10 else f"{minutes:.0f}"
+    hours = f" ({minutes / 60:.0f} h)" if minutes >= 120 else ""
+    what = f"the {total} remaining steps" if resumed else f"all {total} steps"
+    return f"budget: about {shown} min{hours} for {what} at the measured {rate:.3g} steps/s"
 
 
 # Settings that change how a run is carried out, not what it computes: a run resumed or re-run with

@@ -17,7 +17,7 @@ from sgrun.cli import CONF_DIR
 from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.tasks import TASKS
-from sgrun.train import run, task_class
+from sgrun.train import budget_line, estimate_line, run, task_class
 
 FAMILIES = {"fcn": ("feedforward", "mnist"), "cnn": ("feedforward", "mnist"), "rnn": ("rnn", "copy"),
             "hrnn": ("hrnn", "digits")}
@@ -280,3 +280,31 @@ def test_a_finished_run_vouches_for_its_model_and_a_broken_one_is_redone(tmp_pat
     assert again["test_error"] == first["test_error"] and torch.load(tmp_path / "model.pt")
     (tmp_path / "summary.json").write_text("{not json")
     assert run(cfg, tmp_path)["test_error"] == first["test_error"]  # a corrupt summary blocks nothing
+
+
+def test_a_paper_preset_points_to_its_cpu_budget():
+    hint = "(for a CPU-sized run: add profile=cpu)"
+    paper, cpu = make_cfg("experiment=mnist_fcn"), make_cfg("experiment=mnist_fcn", "profile=cpu")
+    assert budget_line(paper, 500_000, 3e-5, 100, 5000, 2).endswith(hint)
+    assert hint not in budget_line(cpu, 15_000, 3e-4, 100, 1000, 2)
+    assert hint not in budget_line(make_cfg(), 3000, 1e-3, 100, 1000, 2)  # the demo fits a CPU
+
+
+def test_the_run_time_at_the_measured_speed():
+    assert (estimate_line(40, 10.0, 3000)
+            == "budget: about 12 min for all 3000 steps at the measured 4 steps/s")
+    assert (estimate_line(20, 5.0, 500_000)
+            == "budget: about 2083 min (35 h) for all 500000 steps at the measured 4 steps/s")
+    assert "the 100 remaining steps" in estimate_line(10, 5.0, 100, resumed=True)
+
+
+def test_a_paper_preset_run_says_so_and_estimates_its_time(tmp_path):
+    r = sgrun("experiment=mnist_fcn", "data=synthetic", "train.steps=6", "train.log_every=2",
+              "device=cpu", "hydra.run.dir=out", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "budget: profile=paper, 6 steps" in out
+    assert "1 torch thread(s) (for a CPU-sized run: add profile=cpu)" in out
+    estimate = r"budget: about [\d.]+ min for all 6 steps at the measured \S+ steps/s"
+    estimates = re.findall(estimate, out)
+    assert len(estimates) == 1

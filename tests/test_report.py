@@ -16,6 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from torch.utils.tensorboard import SummaryWriter
 
+from sgrun import threads
 from sgrun.cli import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -570,11 +571,16 @@ def launcher(*overrides: str):
 
 def test_launchers_compose():
     local = launcher("hydra/launcher=local")
-    assert local._target_.endswith("JoblibLauncher") and local.n_jobs == -1 and local.prefer == "processes"
+    assert local._target_.endswith("JoblibLauncher") and local.prefer == "processes"
+    assert local.n_jobs >= 1  # cores // threads
+    assert launcher("hydra/launcher=local", "runtime.threads=1").n_jobs == threads.cores()
+    assert launcher("hydra/launcher=local", "runtime.threads=1000").n_jobs == 1
+    assert launcher("hydra/launcher=local", "runtime=pipeline").n_jobs == 1  # a job on every core
     slurm = launcher("hydra/launcher=slurm", "hydra.launcher.partition=cpu")
     assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "cpu"
     assert slurm.timeout_min > 0 and slurm.cpus_per_task >= 1
-    assert slurm.setup == [f"export OMP_NUM_THREADS={slurm.cpus_per_task}"]
+    assert slurm.setup == [f"export OMP_NUM_THREADS={slurm.cpus_per_task}",
+                           f"export SGRUN_THREADS={slurm.cpus_per_task}"]
 
 
 # ---------------------------------------------------------------------------------------------

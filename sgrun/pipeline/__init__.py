@@ -55,7 +55,8 @@ start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes
 ``--master-addr``), which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
 """
 
-from sgrun.pipeline.launch import train_pipeline
+from sgrun.pipeline.launch import pipeline_threads, train_pipeline
 from sgrun.pipeline.split import Split, balanced_boundaries, block_costs, plan_split
 
-__all__ = ["Split", "balanced_boundaries", "block_costs", "plan_split", "train_pipeline"]
+__all__ = ["Split", "balanced_boundaries", "block_costs", "pipeline_threads", "plan_split",
+           "train_pipeline"]

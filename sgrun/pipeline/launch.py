@@ -65,12 +65,22 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     return result["metrics"], model
 
 
+def pipeline_threads(cfg: DictConfig) -> int:
+    """Torch threads of each stage: ``runtime.threads``, or for ``auto`` (and null) the cores split
+    evenly between the stages; under torchrun the count torchrun gave the process."""
+    if under_torchrun():
+        return torch.get_num_threads()
+    if cfg.runtime.threads not in (None, "auto"):
+        return int(cfg.runtime.threads)
+    return max(1, (os.cpu_count() or 1) // int(cfg.runtime.stages))
+
+
 def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> dict:
     import torch.multiprocessing as mp
 
     world = int(cfg.runtime.stages)
     port = free_port(int(cfg.runtime.port))
-    threads = int(cfg.runtime.threads) if cfg.runtime.threads not in (None, "auto") else max(1, (os.cpu_count() or 1) // world)
+    threads = pipeline_threads(cfg)
     (out_dir / RESULT).unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()

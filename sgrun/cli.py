@@ -144,14 +144,14 @@ def _main(cfg: DictConfig) -> float | None:
     except SgrunError as e:
         if not multirun:
             fail(str(e))  # exits here, before Hydra adds its own multi-line report
-        (out_dir / FAILED).write_text(str(e) + "\n")
+        mark_failed(out_dir, str(e) + "\n")
         log.error("job %s failed: %s", hc.job.num, e)
         return None
     except Exception as e:
         if not multirun:
             raise
         # a failing job must not stop the sweep nor lose the finished jobs' results
-        (out_dir / FAILED).write_text(traceback.format_exc())
+        mark_failed(out_dir, traceback.format_exc())
         log.error("job %s failed: %s: %s", hc.job.num, type(e).__name__, e)
         return None
     if "rank" in metrics:  # a pipeline stage started by torchrun, other than rank 0
@@ -163,6 +163,17 @@ def _main(cfg: DictConfig) -> float | None:
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: {task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
     return value
+
+
+def mark_failed(out_dir: Path, text: str) -> None:
+    """The FAILED marker of a sweep job, whole or absent (temporary file and rename); a disk too
+    full for it too is logged, and the sweep goes on."""
+    from sgrun.metrics import write_bytes_atomic
+
+    try:
+        write_bytes_atomic(out_dir / FAILED, text.encode())
+    except SgrunError as e:
+        log.error("%s", e)
 
 
 def nearest_key(cfg: DictConfig, key: str) -> str:

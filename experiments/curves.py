@@ -39,7 +39,8 @@ def mean_curve(runs: list[Run], tag: str, steps: bool = False) -> Curve | None:
             xs = sorted(series[0])
         values = np.array([[s[x] for x in xs] for s in series])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a staircase x where only one seed has a value yet
+        # a staircase x where only one seed has a value yet
+        warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(values, axis=0)
         # the sample std over seeds, as in the tables
         std = np.nanstd(values, axis=0, ddof=1) if len(values) > 1 else np.zeros(len(xs))

@@ -41,10 +41,12 @@ def draw(spec: dict, table: Table, out_dir: Path) -> Outcome:
     if spec.get("fallback"):
         fallback = {**spec, **spec["fallback"]}
         if _draw(fallback, table, path):
-            return Outcome(True, f"drawn from `{fallback['tag']}`: no finished run has logged `{spec['tag']}` yet")
+            return Outcome(True, f"drawn from `{fallback['tag']}`: no finished run has logged "
+                                 f"`{spec['tag']}` yet")
     # a figure left from older runs would contradict the tables next to it
     path.unlink(missing_ok=True)
-    return Outcome(False, f"no finished runs with `{spec['tag']}` in their TensorBoard events yet (table `{table.id}`)")
+    return Outcome(False, f"no finished runs with `{spec['tag']}` in their TensorBoard events yet "
+                          f"(table `{table.id}`)")
 
 
 def _draw(spec: dict, table: Table, path: Path) -> bool:
@@ -67,7 +69,8 @@ def curve_panels(spec: dict, table: Table) -> list[Panel]:
     if by == "tags":
         tags = sorted({t for run in table.curve_runs() for t in tags_of(run, tag)})
         for t in tags:
-            curves = [(row.label, mean_curve(table.curve_runs(row=row.label), t, steps), i) for i, row in enumerate(table.rows)]
+            curves = [(row.label, mean_curve(table.curve_runs(row=row.label), t, steps), i)
+                      for i, row in enumerate(table.rows)]
             panels.append((t, [c for c in curves if c[1] is not None]))
     else:
         outer, inner = (table.rows, table.columns) if by == "rows" else (table.columns, table.rows)
@@ -103,7 +106,8 @@ def _draw_curves(spec: dict, panels: list[Panel], path: Path) -> bool:
             ax.plot(xs, mean, label=label, color=colour, marker="o" if len(xs) < 3 else None,
                     drawstyle="steps-post" if step else "default")
             if std.any():  # mean ± std over seeds
-                ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=colour, step="post" if step else None)
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=colour,
+                                step="post" if step else None)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(spec.get("xlabel", "training step"))
         ax.set_ylabel(spec.get("ylabel", spec["tag"]))
@@ -116,14 +120,16 @@ def _draw_curves(spec: dict, panels: list[Panel], path: Path) -> bool:
 
 def _draw_against_key(spec: dict, table: Table, path: Path) -> bool:
     """The paper's stochastic-update figure: the metric against the row key (update_prob), one line
-    per evaluation step coloured by iteration, and the final value in black; one panel per column."""
+    per evaluation step coloured by iteration, and the final value in black; one panel per
+    column."""
     panels = []
     for column in table.columns:
         points = []  # (key value, {step: mean over seeds}, final mean)
         for row in table.rows:
             curve = mean_curve(table.curve_runs(row.label, column.label), spec["tag"])
             if curve is not None:
-                points.append((float(row.label), dict(zip(curve[0], curve[1])), table.mean(row.label, column.label)))
+                points.append((float(row.label), dict(zip(curve[0], curve[1])),
+                               table.mean(row.label, column.label)))
         if points:
             panels.append((column.label, sorted(points)))
     if not panels:

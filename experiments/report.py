@@ -60,14 +60,16 @@ def build_tables(reference: dict, runs: list[Run]) -> dict[str, Table]:
 
 
 def shown(path: Path) -> str:
-    """``path`` relative to the repository when inside it: RESULTS.md should not name one machine's folders."""
+    """``path`` relative to the repository when inside it: RESULTS.md should not name one machine's
+    folders."""
     path = Path(path).resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: str | Path = HERE,
                  reference: dict | None = None) -> Path:
-    """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile``; return its path."""
+    """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile``; return
+    its path."""
     reference = reference or load_reference()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,8 @@ def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: 
         if group in done:
             continue
         done.add(group)
-        members = [tables[s["id"]] for s in reference["tables"] if (s.get("group") or s["id"]) == group]
+        members = [tables[s["id"]] for s in reference["tables"]
+                   if (s.get("group") or s["id"]) == group]
         out += ["", f"## {members[0].spec.get('title') or group}", ""]
         out += table_section(members, pattern)
     out += ["", "## Figures", ""]
@@ -176,19 +179,21 @@ def header(runs: list[Run], pattern: str) -> list[str]:
     minutes = sum(_minutes(r) for r in finished)
     seeds = _seeds(runs)
     lines = [
-        f"- **Seeds**: {', '.join(map(str, seeds)) or 'none'}; a cell is the mean ± sample std over seeds when several ran",
+        f"- **Seeds**: {', '.join(map(str, seeds)) or 'none'}; a cell is the mean ± sample std "
+        "over seeds when several ran",
         f"- **Runs**: {len(finished)} finished, {len(failed)} failed"
         + (f" ({len(missing)} because their dataset is not available)" if missing else "")
         + f", {len(unfinished)} unfinished; {minutes:.1f} minutes of training in all",
         "",
-        "Each cell reads **ours (paper)**; `–` means no number is known. The paper's numbers carry a "
-        "confidence: " + "; ".join(f"*{k}*: {v}" for k, v in CONFIDENCE.items()) + ".",
+        "Each cell reads **ours (paper)**; `–` means no number is known. The paper's numbers carry "
+        "a confidence: " + "; ".join(f"*{k}*: {v}" for k, v in CONFIDENCE.items()) + ".",
     ]
     return lines
 
 
 def _seeds(runs: list[Run]) -> list:
-    return sorted({r.seed for r in runs if r.seed is not None}, key=lambda s: str(s).zfill(12))  # 2 before 10
+    # 2 before 10
+    return sorted({r.seed for r in runs if r.seed is not None}, key=lambda s: str(s).zfill(12))
 
 
 def _minutes(run: Run) -> float:
@@ -209,10 +214,12 @@ def _seed_count(table: Table) -> int:
 
 
 def table_section(members: list[Table], pattern: str) -> list[str]:
-    """One markdown table; tables of one group share their columns and get a first column naming each."""
+    """One markdown table; tables of one group share their columns and get a first column naming
+    each."""
     first = members[0]
     col_axis = first.spec["columns"]
-    heads = [f"{col_axis['label']} = {c.label}" if "key" in col_axis else c.label for c in first.columns]
+    heads = [f"{col_axis['label']} = {c.label}" if "key" in col_axis else c.label
+             for c in first.columns]
     grouped = len(members) > 1
     lead = (["task"] if grouped else []) + [first.spec["rows"]["label"]]
     lines = ["| " + " | ".join(lead + heads) + " |", "|" + "---|" * (len(lead) + len(heads))]
@@ -228,7 +235,8 @@ def table_section(members: list[Table], pattern: str) -> list[str]:
         what = f"{table.spec['short']}: " if grouped else ""
         unit = f"{table.spec['unit']}. " if table.spec.get("unit") else ""
         note = f" {paper['note']}" if paper.get("note") else ""
-        numbers = (f" In parentheses: {paper.get('source', 'the paper')} [{paper.get('confidence', 'paper')}]."
+        numbers = (f" In parentheses: {paper.get('source', 'the paper')} "
+                   f"[{paper.get('confidence', 'paper')}]."
                    if paper.get("values") else "")
         if table.spec.get("ablation"):
             lines.append(f"- {what}{unit}Not in the paper ({table.spec.get('section', '')}).{note}")
@@ -317,10 +325,12 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
     by_preset: dict[str, list[Run]] = {p: [] for p in paper_presets()}
     for run in runs:
         by_preset.setdefault(str(run.get("preset")), []).append(run)
-    lines = ["| preset | finished | failed | unfinished | seeds | steps per run | training minutes | note |",
+    lines = ["| preset | finished | failed | unfinished | seeds | steps per run | training minutes "
+             "| note |",
              "|---|---|---|---|---|---|---|---|"]
     for preset, preset_runs in sorted(by_preset.items()):
-        n = {s: sum(r.status == s for r in preset_runs) for s in ("finished", "failed", "unfinished")}
+        n = {s: sum(r.status == s for r in preset_runs)
+             for s in ("finished", "failed", "unfinished")}
         seeds = ", ".join(map(str, _seeds(preset_runs)))
         minutes = sum(_minutes(r) for r in preset_runs if r.status == "finished")
         failed = [r for r in preset_runs if r.status == "failed"]
@@ -337,8 +347,9 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
             note = "; ".join(filter(None, [note, f"{len(broken)} unfinished: {shown(broken[0].path)}: "
                                                   f"{first_line(broken[0].message)}"]))
         steps = sorted({v for r in preset_runs if isinstance(v := r.get("metrics.steps"), int)})
-        lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | {seeds or '–'} | "
-                     f"{', '.join(map(str, steps)) or '–'} | {minutes:.1f} | {note.replace('|', '/')} |")
+        lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | "
+                     f"{seeds or '–'} | {', '.join(map(str, steps)) or '–'} | {minutes:.1f} | "
+                     f"{note.replace('|', '/')} |")
     return lines
 
 
@@ -365,11 +376,15 @@ def _show(value) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="cpu", help="the profile whose runs to report (runs/<profile>/)")
+    parser.add_argument("--profile", default="cpu",
+                        help="the profile whose runs to report (runs/<profile>/)")
     parser.add_argument("--runs", default=str(ROOT / "runs"),
-                        help="the folder holding <profile>/<preset>/<job>/ (default: the repository's runs/)")
-    parser.add_argument("--out", default=str(HERE), help="where RESULTS.md and the figures go (default: experiments/)")
-    parser.add_argument("--reference", default=str(REFERENCE), help="the paper's numbers and the table layout")
+                        help="the folder holding <profile>/<preset>/<job>/ (default: the "
+                             "repository's runs/)")
+    parser.add_argument("--out", default=str(HERE),
+                        help="where RESULTS.md and the figures go (default: experiments/)")
+    parser.add_argument("--reference", default=str(REFERENCE),
+                        help="the paper's numbers and the table layout")
     args = parser.parse_args(argv)
     try:
         path = write_report(args.profile, args.runs, args.out, load_reference(args.reference))
@@ -377,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: error: {e}; the previous report is left as it was", file=sys.stderr)
         return 1
     pngs = sorted(p.name for p in path.parent.glob("fig_*.png"))
-    print(f"report: wrote {path}" + (f" and {len(pngs)} figure(s): {', '.join(pngs)}" if pngs else " (no figures yet)"))
+    print(f"report: wrote {path}"
+          + (f" and {len(pngs)} figure(s): {', '.join(pngs)}" if pngs else " (no figures yet)"))
     return 0
 
 

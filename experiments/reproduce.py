@@ -1,12 +1,15 @@
-"""``make reproduce``: run every paper preset as a resumable multirun (``make`` then writes the report).
+"""``make reproduce``: run every paper preset as a resumable multirun (``make`` then writes the
+report).
 
     python experiments/reproduce.py --profile cpu                   # every preset, seed 0
     python experiments/reproduce.py --profile cpu --seeds 3         # seeds 0, 1, 2
     python experiments/reproduce.py --profile smoke --only mnist_fcn,mnist_cnn
     python experiments/reproduce.py --profile cpu --launcher local  # a job per core, 1 thread each
-    python experiments/reproduce.py --profile smoke -- data=synthetic model.layers=3   # extra overrides
+    python experiments/reproduce.py --profile smoke -- data=synthetic model.layers=3
+                                                                    # extra overrides
 
-A preset runs as ``sgrun -m experiment=<preset> profile=<profile> hydra.sweep.dir=<runs>/<profile>/<preset>``.
+A preset runs as
+``sgrun -m experiment=<preset> profile=<profile> hydra.sweep.dir=<runs>/<profile>/<preset>``.
 The fixed folder is what makes a reproduction resumable: every job lands in the same folder each
 time, and ``sgrun`` returns a finished run's metrics without training again when the folder's
 ``summary.json`` holds the same config. So after an interruption (Ctrl-C, a killed job, a reboot)
@@ -66,7 +69,8 @@ def sgrun_command(preset: str, profile: str, sweep_dir: Path, seed: int, launche
 
 
 def job_runs(sweep_dir: Path) -> list[Run]:
-    runs = (load_run(job) for job in sorted(sweep_dir.iterdir()) if job.is_dir()) if sweep_dir.is_dir() else []
+    runs = ((load_run(job) for job in sorted(sweep_dir.iterdir()) if job.is_dir())
+            if sweep_dir.is_dir() else [])
     return [run for run in runs if run is not None]
 
 
@@ -78,13 +82,14 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
         log.flush()
         # Started in the repository, so that the default data_dir (data/) is found, and in its own
         # process group, so that stopping it also stops a launcher's worker processes.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             return proc.wait()
         except BaseException:
-            # Interrupted. The finished jobs are on disk already. sgrun answers SIGTERM by saving the
-            # running job's checkpoint and recording that job as failed, then goes on with the next
-            # job of the sweep: so give it a few seconds to save, then stop the whole sweep.
+            # Interrupted. The finished jobs are on disk already. sgrun answers SIGTERM by saving
+            # the running job's checkpoint and recording that job as failed, then goes on with the
+            # next job of the sweep: so give it a few seconds to save, then stop the whole sweep.
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE_SECONDS)
@@ -120,10 +125,12 @@ def reproduce_preset(preset: str, args, extra: list[str]) -> Outcome:
             continue
         print(f"  {preset}: seed {seed} running (log: {shown(log_path)})", flush=True)
         code = run_logged(cmd, log_path, env)
-        if code not in (0, 1):  # 1: some jobs failed (they wrote FAILED); else the sweep did not run
+        # 1: some jobs failed (they wrote FAILED); else the sweep did not run
+        if code not in (0, 1):
             error = _last_line(log_path) or f"sgrun exited with code {code}"
     after = job_runs(sweep_dir)
-    return Outcome(preset=preset, jobs=len(after), finished=sum(r.status == "finished" for r in after),
+    return Outcome(preset=preset, jobs=len(after),
+                   finished=sum(r.status == "finished" for r in after),
                    finished_before=sum(r.status == "finished" for r in before),
                    failed=[r for r in after if r.status == "failed"], error=error,
                    minutes=(time.time() - start) / 60)
@@ -138,13 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Overrides after -- go to every sweep.")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Overrides after -- go to every sweep.")
     parser.add_argument("--profile", default="cpu", help="paper | cpu | smoke (conf/profile/)")
     parser.add_argument("--seeds", type=int, default=1, help="run seeds 0 .. N-1 (default 1)")
-    parser.add_argument("--only", default="", help="comma-separated presets (default: every paper preset)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated presets (default: every paper preset)")
     parser.add_argument("--runs", default=str(ROOT / "runs"),
-                        help="runs go to <runs>/<profile>/<preset>/ (default: the repository's runs/)")
-    parser.add_argument("--launcher", default=None, help="a Hydra launcher, e.g. local (conf/hydra/launcher/)")
+                        help="runs go to <runs>/<profile>/<preset>/ (default: the repository's "
+                             "runs/)")
+    parser.add_argument("--launcher", default=None,
+                        help="a Hydra launcher, e.g. local (conf/hydra/launcher/)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (OMP_NUM_THREADS, unless already set); "
                              "default: 1 for profile=smoke and --launcher local, torch's own "
@@ -190,12 +201,14 @@ def reproduce_all(chosen: list[str], args, extra: list[str], pattern: str) -> in
             others = [r for r in o.failed if r not in missing]
             if others:
                 status = 1
-                print(f"{'':<22} failed: {first_line(others[0].message)} (see {shown(others[0].path / FAILED)})")
+                print(f"{'':<22} failed: {first_line(others[0].message)} (see "
+                      f"{shown(others[0].path / FAILED)})")
             if o.error:
                 status = 1
                 print(f"{'':<22} sgrun could not run the sweep: {o.error}")
     except KeyboardInterrupt:
-        print("reproduce: interrupted; run the same command again to finish the remaining runs", file=sys.stderr)
+        print("reproduce: interrupted; run the same command again to finish the remaining runs",
+              file=sys.stderr)
         return 130
     print(f"reproduce: done in {(time.time() - start) / 60:.1f} min", flush=True)
     return status

@@ -1,8 +1,10 @@
 """The runs on disk, as the report and the reproduction script see them.
 
-A run is one job folder of a multirun, ``<runs>/<profile>/<preset>/<job>/``, as ``sgrun -m`` leaves it:
+A run is one job folder of a multirun, ``<runs>/<profile>/<preset>/<job>/``, as ``sgrun -m`` leaves
+it:
 
-* ``summary.json``: written at the end of a finished run (status, metrics, choices, resolved config);
+* ``summary.json``: written at the end of a finished run (status, metrics, choices, resolved
+  config);
 * ``FAILED``: written instead when the job failed (the error message);
 * ``.hydra/``: Hydra's record of the job (the config and the chosen config files), written first,
   so a failed or unfinished run still says which table cell it belongs to;
@@ -30,11 +32,13 @@ MISSING = object()  # a path that a run does not have (distinct from a value of 
 class Run:
     path: Path
     status: str  # finished | failed | unfinished
-    record: dict[str, Any] = field(repr=False)  # {"preset": ..., "choice": {...}, "choices": {...}, "config": {...}, "metrics": {...}}
+    # {"preset": ..., "choice": {...}, "choices": {...}, "config": {...}, "metrics": {...}}
+    record: dict[str, Any] = field(repr=False)
     message: str = ""  # the FAILED text
 
     def get(self, path: str) -> Any:
-        """The value at ``path`` ("config.model.layers"), trying each of "a|b" in turn; MISSING if none."""
+        """The value at ``path`` ("config.model.layers"), trying each of "a|b" in turn; MISSING if
+        none."""
         for alternative in path.split("|"):
             node: Any = self.record
             for part in alternative.strip().split("."):
@@ -48,7 +52,8 @@ class Run:
         return MISSING
 
     def matches(self, match: dict[str, list] | None) -> bool:
-        """True when every path of ``match`` holds one of its accepted values (null accepts a missing path)."""
+        """True when every path of ``match`` holds one of its accepted values (null accepts a
+        missing path)."""
         for path, accepted in (match or {}).items():
             value = self.get(path)
             if value is MISSING:
@@ -86,14 +91,16 @@ def load_run(job: Path) -> Run | None:
         return None
     record: dict[str, Any] = {"choice": {}, "choices": {}, "config": {}, "metrics": {}}
     hydra_yaml = _read_yaml(hydra_dir / "hydra.yaml")
-    record["choice"] = dict(((hydra_yaml.get("hydra") or {}).get("runtime") or {}).get("choices") or {})
+    record["choice"] = dict(((hydra_yaml.get("hydra") or {}).get("runtime") or {})
+                            .get("choices") or {})
     record["config"] = _read_yaml(hydra_dir / "config.yaml")
     status, message = "unfinished", ""
     summary = _read_json(summary_path)
     if summary.get("status") == "finished":
         # summary.json is written last and holds the resolved config: it wins over .hydra/
         status = "finished"
-        record.update(config=summary.get("config") or record["config"], choices=summary.get("choices") or {},
+        record.update(config=summary.get("config") or record["config"],
+                      choices=summary.get("choices") or {},
                       metrics=summary.get("metrics") or {})
     elif failed_path.exists():
         status, message = "failed", failed_path.read_text(errors="replace").strip()
@@ -131,13 +138,14 @@ def first_line(text: str, width: int = 160) -> str:
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of the event files in ``tb_dir``, read as TensorBoard reads them (``EventAccumulator``).
+    """Scalars of the event files in ``tb_dir``, read as TensorBoard reads them
+    (``EventAccumulator``).
 
     A run that was interrupted and ran again leaves several event files. Reading the folder as one
     stream, in file order, lets the accumulator drop what the later run replaced when the new writer
     starts with a purge step (a resumed run: the old events from that step on go). A run started
-    again from scratch has no purge step; its steps go back instead, and the old events of a tag from
-    that step on are dropped here (TensorBoard's own rule for files without a session log).
+    again from scratch has no purge step; its steps go back instead, and the old events of a tag
+    from that step on are dropped here (TensorBoard's own rule for files without a session log).
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -150,7 +158,8 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def _drop_replaced(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Points in reading order; a step that goes back replaces the earlier points from that step on."""
+    """Points in reading order; a step that goes back replaces the earlier points from that step
+    on."""
     kept: list[tuple[int, float]] = []
     for step, value in points:
         while kept and kept[-1][0] >= step:

@@ -37,7 +37,8 @@ def axis_values(axis: dict) -> list[Value]:
     values = []
     for v in axis["values"]:
         if isinstance(v, dict):
-            values.append(Value(label=str(v["label"]), match=v.get("match") or {}, metric=v.get("metric")))
+            values.append(Value(label=str(v["label"]), match=v.get("match") or {},
+                                metric=v.get("metric")))
         else:
             values.append(Value(label=str(v), match={axis["key"]: [v]}))
     return values
@@ -66,7 +67,8 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     def status(self, missing_pattern: str) -> str:
-        """What to print when there is no number: the most informative state among the cell's runs."""
+        """What to print when there is no number: the most informative state among the cell's
+        runs."""
         if any(dataset_missing(r, missing_pattern) for r in self.runs):
             return NO_DATASET
         if any(r.status == "failed" for r in self.runs):
@@ -114,7 +116,8 @@ class Table:
 
     def paper_number(self, row: str, column: str) -> float | None:
         value = self.paper(row, column)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return (float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                else None)
 
     def curve_runs(self, row: str | None = None, column: str | None = None) -> list[Run]:
         """Finished runs of a row and/or a column (for figures and curve claims)."""
@@ -142,7 +145,8 @@ def fmt(value: Any, digits: int) -> str:
 
 
 def cell_text(table: Table, row: str, column: str, missing_pattern: str, seeds: int) -> str:
-    """ "ours (paper)": ours is the mean over seeds (± sample std when several ran) or why there is none."""
+    """ "ours (paper)": ours is the mean over seeds (± sample std when several ran) or why there is
+    none."""
     cell = table.cells[(row, column)]
     digits = int(table.spec.get("digits", 2))
     if cell.values:

@@ -71,8 +71,8 @@ def build_interfaces(placement: Placement | None, shapes: dict[str, tuple[int, .
     if placement is None:
         return interfaces
     if placement.bootstrap_scale is not None:
-        raise ConfigError("bootstrap_scale sets the target of a recurrent synthesizer (model=rnn with "
-                          "dni=every_k); remove it here")
+        raise ConfigError("bootstrap_scale sets the target of a recurrent synthesizer (model=rnn "
+                          "with dni=every_k); remove it here")
     si = placement.synthetic_input
     if si is not None and in_shape is None:
         raise ConfigError("synthetic inputs need the model's input shape (in_shape)")

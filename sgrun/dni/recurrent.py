@@ -372,7 +372,8 @@ def future_gradient_quality(model, state: Tensor, future, k: int, step_loss,
         out = model(future.x[:, :m], s)
         per_step = step_loss(out.logits, future.y[:, :m]) * future.mask[:, :m]  # [horizon, m]
         losses = [b.sum() / b.numel() for b in per_step.split(k)]  # block losses, as in training
-        true = per_example(torch.autograd.grad(sum(losses), s, retain_graph=True)[0])  # [m, 2H] per stream
+        # [m, 2H] per stream
+        true = per_example(torch.autograd.grad(sum(losses), s, retain_graph=True)[0])
         discounted = sum(model.scale ** j * loss for j, loss in enumerate(losses))
         target = per_example(torch.autograd.grad(discounted, s)[0])
         with torch.no_grad():

@@ -28,7 +28,8 @@ class FeedForward(nn.Module):
         self.head = head
         self.cut_names = [f"h{i + 1}" for i in range(len(blocks))]
         self.cut_shapes = dict(zip(self.cut_names, shapes))
-        self.interfaces = build_interfaces(placement, self.cut_shapes, context_dim, in_shape=tuple(in_shape))
+        self.interfaces = build_interfaces(placement, self.cut_shapes, context_dim,
+                                           in_shape=tuple(in_shape))
         self.unlocked = placement is not None and placement.synthetic_input is not None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,12 +38,15 @@ class FeedForward(nn.Module):
             h = block(h)
             if name in self.interfaces:
                 # complete unlock: the interface also needs x, to predict this cut's input from it
-                h = self.interfaces[name](h, context, x) if self.unlocked else self.interfaces[name](h, context)
+                h = (self.interfaces[name](h, context, x) if self.unlocked
+                     else self.interfaces[name](h, context))
         return self.head(h)
 
     def layer_groups(self) -> list[list[nn.Module]]:
-        """Modules updated together: each hidden block with the interface above it, then the head."""
-        groups = [[b] + ([self.interfaces[n]] if n in self.interfaces else []) for n, b in zip(self.cut_names, self.blocks)]
+        """Modules updated together: each hidden block with the interface above it, then the
+        head."""
+        groups = [[b] + ([self.interfaces[n]] if n in self.interfaces else [])
+                  for n, b in zip(self.cut_names, self.blocks)]
         return groups + [[self.head]]
 
 
@@ -55,13 +59,14 @@ def _check_layers(layers: int, kind: str, allowed: range) -> None:
 
 
 class FCN(FeedForward):
-    """Fully connected net: ``layers - 1`` hidden blocks Linear(hidden) -> BatchNorm -> ReLU, then Linear.
+    """Fully connected net: ``layers - 1`` hidden blocks Linear(hidden) -> BatchNorm -> ReLU, then
+    Linear.
 
     Jaderberg et al. 2017, sec. 3.3: 256 hidden units, softmax output over 10 classes.
     """
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, layers: int = 3, hidden: int = 256,
-                 placement: Placement | None = None) -> None:
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int, layers: int = 3,
+                 hidden: int = 256, placement: Placement | None = None) -> None:
         _check_layers(layers, "an FCN", range(2, 65))
         in_dim = int(torch.Size(in_shape).numel())
         blocks: list[nn.Module] = []
@@ -82,15 +87,17 @@ class CNN(FeedForward):
     after the others); then a Linear output layer on the flattened features.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, layers: int = 3, channels: int = 128,
-                 kernel: int = 5, placement: Placement | None = None) -> None:
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, layers: int = 3,
+                 channels: int = 128, kernel: int = 5, placement: Placement | None = None) -> None:
         _check_layers(layers, "a CNN", range(2, 9))
         c, hgt, wid = in_shape
         blocks: list[nn.Module] = []
         shapes: list[tuple[int, ...]] = []
         for i in range(layers - 1):
-            pool = nn.MaxPool2d(3, stride=2, padding=1) if i == 0 else nn.AvgPool2d(3, stride=2, padding=1)
-            blocks.append(nn.Sequential(nn.Conv2d(c if i == 0 else channels, channels, kernel, padding=kernel // 2),
+            pool = (nn.MaxPool2d(3, stride=2, padding=1) if i == 0
+                    else nn.AvgPool2d(3, stride=2, padding=1))
+            blocks.append(nn.Sequential(nn.Conv2d(c if i == 0 else channels, channels, kernel,
+                                                  padding=kernel // 2),
                                         nn.BatchNorm2d(channels), nn.ReLU(), pool))
             hgt, wid = (hgt + 1) // 2, (wid + 1) // 2
             shapes.append((channels, hgt, wid))

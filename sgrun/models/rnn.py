@@ -1,4 +1,5 @@
-"""The recurrent model of the paper's sec. 3.1: an LSTM core read one block of ``k`` steps at a time.
+"""The recurrent model of the paper's sec. 3.1: an LSTM core read one block of ``k`` steps at a
+time.
 
 Jaderberg et al. 2017, sec. 3.1 treat an RNN as infinitely unrolled and train it with truncated
 BPTT over blocks of ``k`` steps.  The LSTM state ``[h, c]`` crosses every block boundary, so it is
@@ -7,8 +8,8 @@ prediction of the gradient of all future losses w.r.t. that state.  The training
 injects and regresses it lives in :mod:`sgrun.dni.recurrent`; this module only holds the networks.
 
 The state travels between blocks as one flat tensor ``s = [h, c]`` of shape ``[B, 2H]``, so that a
-synthesizer for flat vectors (:class:`~sgrun.dni.LinearSynthesizer`, :class:`~sgrun.dni.MLPSynthesizer`)
-predicts the gradient w.r.t. both halves at once.
+synthesizer for flat vectors (:class:`~sgrun.dni.LinearSynthesizer`,
+:class:`~sgrun.dni.MLPSynthesizer`) predicts the gradient w.r.t. both halves at once.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class RecurrentNet(nn.Module):
             means the same).  ``None`` (or mode ``off``) is plain truncated BPTT.
         aux: add the DNI + Aux head ``A``, a linear map of the block-end state ``s_k`` that predicts
             the synthetic gradient of the end of the *next* block, ``M(s_2k)``, ``k`` steps later
-            (sec. 3.1, "DNI + Aux"; the target is built in :func:`sgrun.dni.recurrent.truncated_step`).
+            (sec. 3.1, "DNI + Aux"; the target is built in
+            :func:`sgrun.dni.recurrent.truncated_step`).
 
     Attributes: ``synthesizer`` (``None`` without DNI), ``scale`` and ``mode`` of the interface,
     ``aux_head`` (``None`` without aux), ``state_size`` (``2H``).
@@ -61,8 +63,10 @@ class RecurrentNet(nn.Module):
 
     cut_names = (CUT,)
 
-    def __init__(self, input_size: int, output_size: int, hidden: int = 256, token_input: bool = False,
-                 placement: Placement | None = None, aux: bool = False, forget_bias: float | None = 1.0) -> None:
+    def __init__(self, input_size: int, output_size: int, hidden: int = 256,
+                 token_input: bool = False,
+                 placement: Placement | None = None, aux: bool = False,
+                 forget_bias: float | None = 1.0) -> None:
         super().__init__()
         for name, value, fix in (("input_size", input_size, "check the task"),
                                  ("output_size", output_size, "check the task"),
@@ -83,19 +87,19 @@ class RecurrentNet(nn.Module):
         self.scale, self.mode, self.bootstrap_scale = 0.0, "off", None
         if placement is not None and placement.mode != "off":
             if placement.conditioned:
-                raise ConfigError("a recurrent net has no label to condition its synthesizer on (cDNI): "
-                                  "use dni=every_k or dni=every_k_aux")
+                raise ConfigError("a recurrent net has no label to condition its synthesizer on "
+                                  "(cDNI): use dni=every_k or dni=every_k_aux")
             placement.resolve(self.cut_names)  # a cut other than "state" is a ConfigError naming it
-            # Jaderberg et al. 2017, sec. 3.1: M(s) predicts dL_future/ds for the whole state [h, c];
-            # its last layer starts at zero, so training starts as plain truncated BPTT.
+            # Jaderberg et al. 2017, sec. 3.1: M(s) predicts dL_future/ds for the whole state
+            # [h, c]; its last layer starts at zero, so training starts as plain truncated BPTT.
             self.synthesizer = build_synthesizer(placement.synthesizer, (self.state_size,))
             self.scale, self.mode = float(placement.scale), placement.mode
             self.bootstrap_scale = placement.bootstrap_scale
         self.aux_head: nn.Linear | None = None
         if aux:
             if self.synthesizer is None:
-                raise ConfigError("DNI + Aux predicts the synthesizer's output, so it needs a synthesizer: "
-                                  "use dni=every_k_aux (or set dni.aux_weight=0)")
+                raise ConfigError("DNI + Aux predicts the synthesizer's output, so it needs a "
+                                  "synthesizer: use dni=every_k_aux (or set dni.aux_weight=0)")
             self.aux_head = nn.Linear(self.state_size, self.state_size)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -104,16 +108,19 @@ class RecurrentNet(nn.Module):
 
     def core_parameters(self) -> list[nn.Parameter]:
         """Parameters of the core, read-out and aux head: everything but the synthesizer."""
-        synth = {id(p) for p in self.synthesizer.parameters()} if self.synthesizer is not None else set()
+        synth = ({id(p) for p in self.synthesizer.parameters()} if self.synthesizer is not None
+                 else set())
         return [p for p in self.parameters() if id(p) not in synth]
 
     def forward(self, x: Tensor, state: Tensor) -> BlockOutput:
         """Run one block: ``x`` is ``[k, B, input_size]`` (ids ``[k, B]`` with ``token_input``),
-        ``state`` is ``[B, 2H]``.  Gradients flow into ``state``; detaching it is the caller's job."""
+        ``state`` is ``[B, 2H]``.  Gradients flow into ``state``; detaching it is the caller's
+        job."""
         if self.token_input:
             x = nn.functional.one_hot(x, self.input_size).to(state.dtype)  # [k, B, V]
         h, c = state.chunk(2, dim=1)  # [B, H] each
-        hc = (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous())  # [1, B, H]: nn.LSTM's layout
+        # [1, B, H]: nn.LSTM's layout
+        hc = (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous())
         out, hc = self.lstm(x, hc)  # [k, B, H]
         state_k = torch.cat([hc[0][0], hc[1][0]], dim=1)  # [B, 2H]
         return BlockOutput(logits=self.head(out), state=state_k)

@@ -270,6 +270,18 @@ def test_run_seconds_pays_the_fill_after_every_evaluation():
     assert cost.run_seconds("one_device", stages, cost.FREE, 20) == pytest.approx(120.0)
 
 
+def test_schedule_overhead_is_fitted_to_a_step_with_nothing_to_compute():
+    link = cost.Link(latency=1e-4, bandwidth=1e9)
+    null = [cost.StageTimes(0.0, 0.0, 0.0, act_bytes=4096)] * 2
+    with_overhead = cost.Link(link.latency, link.bandwidth, op_overhead=2e-3)
+    step = cost.predict("gpipe", null, with_overhead, batch=8, microbatches=4, steps=4).step_seconds
+    assert cost.fit_op_overhead(link, 4096, 4, step) == pytest.approx(2e-3, rel=1e-6)
+    assert cost.fit_op_overhead(link, 4096, 4, 0.0) == 0.0  # the messages alone take longer
+    # each micro-batch forward and backward pays it: equal stages take (M + S - 1) (f + b + 2 o)
+    p = cost.predict("gpipe", equal(2), with_overhead, batch=8, microbatches=4)
+    assert p.step_seconds > (4 + 1) * (3.0 / 4 + 2 * 2e-3)
+
+
 def test_deeper_models_and_refusals():
     first = cost.StageTimes(1.0, 2.0, 0.1, syn_fwd=0.2, syn_update=0.3, data=0.05, act_bytes=8)
     last = cost.StageTimes(1.5, 3.0, 0.2)

@@ -65,10 +65,13 @@ class StageTimes:
 
 @dataclass(frozen=True)
 class Link:
-    """A message between neighbouring stages takes ``latency + bytes / bandwidth`` seconds."""
+    """A message between neighbouring stages takes ``latency + bytes / bandwidth`` seconds; in
+    torch's schedules every micro-batch forward or backward also costs its stage ``op_overhead``
+    seconds (posting and waiting for its messages, the schedule's own bookkeeping)."""
 
     latency: float
     bandwidth: float  # bytes per second
+    op_overhead: float = 0.0
 
     def time(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth if nbytes else 0.0
@@ -198,7 +201,8 @@ def _scheduled_segment(stages: list[StageTimes], link: Link, steps: int, kind: s
     """GPipe or 1F1B steps: every operation once its stage is free and its input has arrived."""
     n, m = len(stages), microbatches
     orders = [schedule_order(kind, n, s, m) for s in range(n)]
-    micro = [st.micro(m) for st in stages]
+    extra = link.op_overhead
+    micro = [tuple(t + extra for t in st.micro(m)) for st in stages]
     msg = [link.time(st.act_bytes / m) for st in stages]
     ready = [0.0] * n
     for _ in range(steps):
@@ -226,6 +230,25 @@ def _scheduled_segment(stages: list[StageTimes], link: Link, steps: int, kind: s
                 raise RuntimeError(f"{kind}: the schedule deadlocks")  # not for valid orders
         ready = [clock[s] + stages[s].update for s in range(n)]
     return max(ready)
+
+
+def fit_op_overhead(link: Link, act_bytes: float, microbatches: int, measured: float,
+                    stages: int = 2) -> float:
+    """The ``op_overhead`` with which a GPipe step of ``stages`` stages that compute nothing and
+    send ``act_bytes`` per batch takes ``measured`` seconds (0 if the messages alone take that)."""
+    null = [StageTimes(0.0, 0.0, 0.0, act_bytes=int(act_bytes))] * stages
+
+    def step(overhead: float) -> float:
+        probe = Link(link.latency, link.bandwidth, overhead)
+        return _scheduled_segment(null, probe, 1, "gpipe", microbatches)
+
+    lo, hi = 0.0, max(measured, 0.0)
+    if step(lo) >= measured:
+        return 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if step(mid) < measured else (lo, mid)
+    return (lo + hi) / 2
 
 
 # --------------------------------------------------------------------------- predictions

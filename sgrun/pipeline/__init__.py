@@ -41,6 +41,13 @@ waits for its gradient before it updates.  With ``dni.mode=train_only`` it is lo
 but the synthesizers still run and learn from the true gradient: the DNI pipeline's compute, with
 the locking as the only difference.
 
+``runtime.schedule=gpipe|1f1b`` (with ``dni=none``) trains the same split as it is usually done:
+backprop with ``runtime.microbatches`` micro-batches per batch through
+``torch.distributed.pipelining`` (:mod:`sgrun.pipeline.schedules`).  With one micro-batch a GPipe
+run equals the in-process Bprop run bit for bit; with more it equals in-process gradient
+accumulation over the same micro-batches (BatchNorm then sees each micro-batch on its own).
+:mod:`sgrun.pipeline.cost` predicts the samples/s of every schedule from measured stage times.
+
 With ``max_inflight=1`` nothing overlaps and a DNI run (with or without synthetic inputs) equals the
 in-process run bit for bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
 

@@ -16,7 +16,7 @@ from torch import nn
 from sgrun.build import build_images, check_runtime_family
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import ConfigError, SgrunError
-from sgrun.pipeline.split import plan_split
+from sgrun.pipeline.split import check_schedule, max_inflight, plan_split
 from sgrun.pipeline.stage import RESULT, full_model, spawned, stage_main
 
 log = logging.getLogger("sgrun")
@@ -43,16 +43,14 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     if cfg.dni.mode == "off" and cfg.dni.cuts:
         raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked pipeline, or "
                           "dni.mode=synthetic")
-    if int(cfg.runtime.max_inflight) < 1:
-        raise ConfigError(f"runtime.max_inflight must be >= 1 (got {cfg.runtime.max_inflight}): "
-                          "set runtime.max_inflight=2")
+    max_inflight(cfg.runtime)  # an integer >= 1, or auto
     out_dir = Path(session.ckpt.dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     data = build_images(cfg)
     shape, classes = tuple(data.shape), data.num_classes
     del data
     # the split is checked here too, so that a bad one is one line before any process starts
-    plan_split(full_model(cfg, shape, classes), cfg.runtime)
+    check_schedule(cfg, plan_split(full_model(cfg, shape, classes), cfg.runtime))
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         result = stage_main(rank, world, cfg, str(out_dir))

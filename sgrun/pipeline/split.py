@@ -122,3 +122,57 @@ def block_costs(model: nn.Module) -> list[float]:
     return costs
 
 
+SCHEDULES = ("dni", "gpipe", "1f1b")
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+
+
+def max_inflight(runtime: DictConfig) -> int:
+    """``runtime.max_inflight`` as a number: ``auto`` is 2 for the DNI pipeline; GPipe and 1F1B
+    keep one batch in flight (its micro-batches) and flush before the next."""
+    value = runtime.get("max_inflight", "auto")
+    if value in (None, "auto"):
+        return 2 if runtime.get("schedule", "dni") == "dni" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"runtime.max_inflight must be >= 1 or auto (got {value!r}): "
+                          "set runtime.max_inflight=2")
+    return value
+
+
+def check_schedule(cfg: DictConfig, split: Split) -> None:
+    """``runtime.schedule`` and ``runtime.microbatches``: a value the pipeline cannot honour is one
+    line naming the fix."""
+    rt = cfg.runtime
+    schedule = rt.get("schedule", "dni")
+    micro = rt.get("microbatches", 1)
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"runtime.schedule must be dni, gpipe or 1f1b (got {schedule!r}): "
+                          "set runtime.schedule=gpipe")
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ConfigError(f"runtime.microbatches must be an integer >= 1 (got {micro!r}): "
+                          "set runtime.microbatches=4")
+    inflight = max_inflight(rt)
+    if schedule == "dni":
+        if micro != 1:
+            raise ConfigError(f"runtime.microbatches={micro} needs runtime.schedule=gpipe or "
+                              "1f1b (the DNI pipeline steps on whole batches): set "
+                              "runtime.microbatches=1")
+        return
+    if not split.locked or cfg.dni.cuts:
+        raise ConfigError(f"runtime.schedule={schedule} trains by backprop alone, without "
+                          "synthesizers: use dni=none, or runtime.schedule=dni for the DNI "
+                          "pipeline")
+    if inflight != 1:
+        raise ConfigError(f"runtime.max_inflight={rt.max_inflight} applies to "
+                          f"runtime.schedule=dni; {schedule} keeps one batch in flight "
+                          "(runtime.microbatches): set runtime.max_inflight=auto")
+    batch = int(cfg.train.batch_size)
+    if batch % micro:
+        fit = max(d for d in range(1, min(micro, batch) + 1) if batch % d == 0)
+        raise ConfigError(f"runtime.microbatches={micro} does not divide "
+                          f"train.batch_size={batch}: choose a divisor, e.g. "
+                          f"runtime.microbatches={fit}")
+    if schedule == "1f1b" and micro < split.stages:
+        fit = next((d for d in range(split.stages, batch + 1) if batch % d == 0), split.stages)
+        raise ConfigError(f"runtime.schedule=1f1b needs runtime.microbatches >= runtime.stages "
+                          f"(got {micro} for {split.stages} stages): set "
+                          f"runtime.microbatches={fit}, or runtime.schedule=gpipe")

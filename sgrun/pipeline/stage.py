@@ -31,7 +31,7 @@ from sgrun.dni.units import injected, per_example, regression_grad, regression_l
 from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import Writer
-from sgrun.pipeline.split import Split, plan_split
+from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import BatchSampler, classification_error, evaluation_split
 
 log = logging.getLogger("sgrun")
@@ -122,7 +122,7 @@ class Stage:
         self.num_classes = model.num_classes
         self.batch = sampler.batch_size
         self.sampler = sampler
-        self.max_inflight = int(cfg.runtime.max_inflight)
+        self.max_inflight = max_inflight(cfg.runtime)
         # stochastic updates (sec. 3.3): every stage draws every layer group's coin from the same
         # generator as the in-process run, and applies the coins of its own groups
         self.update_prob = float(cfg.train.update_prob)
@@ -319,6 +319,8 @@ class Stage:
 
 def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None) -> dict | None:
     """Everything one process does; rank 0 also evaluates and logs.  Returns rank 0's result."""
+    from sgrun.pipeline.schedules import ScheduledStage  # it builds on Stage
+
     cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
     device = device_of(cfg.device)
     if device.type == "cuda":
@@ -337,7 +339,9 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     # every stage draws the same batches itself (same seed): stages above the first take their labels
     # from it (no label messages), and with synthetic inputs their data too (nothing below is waited for)
     sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
-    stage = Stage(cfg, rank, split, model, steps, lr, device, sampler)
+    check_schedule(cfg, split)
+    kind = Stage if cfg.runtime.get("schedule", "dni") == "dni" else ScheduledStage
+    stage = kind(cfg, rank, split, model, steps, lr, device, sampler)
 
     timeout = datetime.timedelta(seconds=float(cfg.runtime.timeout))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)

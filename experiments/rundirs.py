@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from sgrun import sweep
+
 SUMMARY = "summary.json"
 FAILED = "FAILED"  # the name sgrun.cli writes
 MISSING = object()  # a path that a run does not have (distinct from a value of None)
@@ -130,11 +132,7 @@ def dataset_missing(run: Run, pattern: str) -> bool:
 
 def first_line(text: str, width: int = 160) -> str:
     """The last line of a traceback, or the first line of a one-line error, shortened."""
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-    return line if len(line) <= width else line[: width - 3] + "..."
+    return sweep.first_line(text, width, empty="")
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -98,11 +98,12 @@ def headline(summary: dict) -> str:
         return "-"
 
 
-def first_line(text: str, width: int = 80) -> str:
-    """The error of a FAILED file in one line: a traceback's last line, else the first."""
+def first_line(text: str, width: int = 80, empty: str = "-") -> str:
+    """The error of a FAILED file in one line: a traceback's last line, else the first, cut to
+    ``width``; ``empty`` when there is no text."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
-        return "-"
+        return empty
     line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
     return line if len(line) <= width else line[: width - 3] + "..."
 

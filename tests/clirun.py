@@ -16,3 +16,16 @@ def sgrun(*args: str, cwd, env: dict | None = None, module: bool = False,
     for name in ("HYDRA_FULL_ERROR", *unset):
         full_env.pop(name, None)
     return subprocess.run([*exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def trained(tmp_path, name: str, *args: str, env: dict | None = None) -> tuple[dict, dict]:
+    """Run ``sgrun *args`` into ``tmp_path/name``; its summary metrics and its model.pt weights."""
+    import json
+
+    import torch
+
+    folder = tmp_path / name
+    done = sgrun(*args, f"hydra.run.dir={folder}", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    return summary["metrics"], torch.load(folder / "model.pt")

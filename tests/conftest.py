@@ -5,6 +5,23 @@ core each run many times slower than one thread each)."""
 
 import os
 
+import pytest
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every dataset in a test is written by the test: any fetch (download, npm, PyPI) fails it.
+    A test module opts in with ``pytestmark = pytest.mark.usefixtures("no_network")``."""
+    from sgrun.data import fetch, ptb
+
+    def forbidden(*args, **kwargs):
+        pytest.fail(f"a test tried to fetch over the network: {args}")
+
+    monkeypatch.setattr(fetch, "_open_url", forbidden)
+    monkeypatch.setattr(fetch, "_run_npm", forbidden)
+    monkeypatch.setattr(ptb, "_fetch_official", forbidden)
+    monkeypatch.setattr(ptb, "_fetch_pypi", forbidden)

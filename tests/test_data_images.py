@@ -28,15 +28,7 @@ MNIST_NAMES = list(mnist.FILES)
 CIFAR_NAMES = list(cifar10.BATCHES)
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to reach a real download host or the npm registry fails the test."""
-
-    def forbidden(*args, **kwargs):
-        pytest.fail(f"a test tried to fetch over the network: {args}")
-
-    monkeypatch.setattr(fetch, "_open_url", forbidden)
-    monkeypatch.setattr(fetch, "_run_npm", forbidden)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest.py: any fetch fails the test
 
 
 def md5(data: bytes) -> str:

@@ -28,7 +28,6 @@ from configs import make_cfg
 from torch import nn
 
 from sgrun.build import build_digit_streams
-from sgrun.data import fetch, ptb
 from sgrun.data.images import load_images
 from sgrun.dni import (
     BackwardInterface,
@@ -48,17 +47,7 @@ CPU = torch.device("cpu")
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every dataset here is written by the test: any fetch fails it."""
-
-    def forbidden(*args, **kwargs):
-        pytest.fail(f"a test tried to fetch over the network: {args}")
-
-    monkeypatch.setattr(fetch, "_open_url", forbidden)
-    monkeypatch.setattr(fetch, "_run_npm", forbidden)
-    monkeypatch.setattr(ptb, "_fetch_official", forbidden)
-    monkeypatch.setattr(ptb, "_fetch_pypi", forbidden)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest.py: any fetch fails the test
 
 
 def md5(data: bytes) -> str:

@@ -4,7 +4,6 @@ Every run here is the installed ``sgrun`` in a subprocess, on the generated data
 compared bit for bit use one torch thread per process on both sides.
 """
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import clirun
 import pytest
 import torch
 from clirun import sgrun
@@ -30,11 +30,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def trained(tmp_path: Path, name: str, *overrides: str, env=None) -> tuple[dict, dict]:
-    folder = tmp_path / name
-    done = sgrun(*TINY, *overrides, f"hydra.run.dir={folder}", cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((folder / "summary.json").read_text())
-    return summary["metrics"], torch.load(folder / "model.pt")
+    return clirun.trained(tmp_path, name, *TINY, *overrides, env=env)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:

@@ -3,9 +3,9 @@
 Runs compared bit for bit use one torch thread per process on both sides.
 """
 
-import json
 from pathlib import Path
 
+import clirun
 import pytest
 import torch
 from clirun import sgrun
@@ -24,11 +24,7 @@ PIPE = ["runtime=pipeline", "runtime.threads=1"]
 
 
 def trained(tmp_path: Path, name: str, *overrides: str, env=None) -> tuple[dict, dict]:
-    folder = tmp_path / name
-    done = sgrun(*TINY, *overrides, f"hydra.run.dir={folder}", cwd=tmp_path, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((folder / "summary.json").read_text())
-    return summary["metrics"], torch.load(folder / "model.pt")
+    return clirun.trained(tmp_path, name, *TINY, *overrides, env=env)
 
 
 def differing(a: dict, b: dict) -> list[str]:

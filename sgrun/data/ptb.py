@@ -119,8 +119,7 @@ def load_ptb_chars(
     for split in SPLITS:
         path = folder / file_name(split)
         raw = read_bytes(path)
-        if sums[split] is not None:
-            check_md5(path, raw, sums[split])  # also catches files put there by hand
+        check_md5(path, raw, sums[split])  # also catches files put there by hand
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -126,13 +126,9 @@ class Sequence(Task):
         # the copy tasks stop once their curriculum has not advanced for this many episodes (a
         # plateau); train.steps stays the hard cap
         self.plateau = t.get("plateau_samples")
-        if self.plateau is not None:
-            if not self.is_copy:
-                raise ConfigError("train.plateau_samples stops a copy task's curriculum; PTB stops early on "
-                                  "validation BPC: use train.patience")
-            if not (isinstance(self.plateau, int) and self.plateau >= 1):
-                raise ConfigError(f"train.plateau_samples must be a whole number of episodes >= 1 (got "
-                                  f"{self.plateau!r}), or null for no plateau rule")
+        if self.plateau is not None and not self.is_copy:
+            raise ConfigError("train.plateau_samples stops a copy task's curriculum; PTB stops early on "
+                              "validation BPC: use train.patience")
         self.state = self.model.initial_state(self.batch_size, device)
         self.history: list[tuple] = []
         self.best = {"bpc": math.inf, "step": 0, "params": None, "stale": 0}

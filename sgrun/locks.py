@@ -62,6 +62,11 @@ class SweepLock(Callback):
             raise SystemExit(2) from None
         self._held = stack
 
+    def __getstate__(self) -> dict:
+        # A parallel launcher (joblib) sends the callbacks to its worker processes: the lock stays
+        # with the process that took it, the workers get none.
+        return {**self.__dict__, "_held": None}
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self._held is not None:
             self._held.close()

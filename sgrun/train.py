@@ -38,6 +38,7 @@ from sgrun.locks import folder_lock
 from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
 from sgrun.tasks import TASKS, Task
 from sgrun.threads import resolve_threads
+from sgrun.updates import skip_updates
 
 log = logging.getLogger("sgrun")
 
@@ -201,22 +202,6 @@ def torch_threads(runtime: DictConfig):
         yield threads
     finally:
         torch.set_num_threads(before)
-
-
-def skip_updates(groups: list[list[nn.Module]], prob: float, gen: torch.Generator) -> int:
-    """Stochastic updates (Jaderberg et al. 2017, sec. 3.3): each layer group, with its synthesizer,
-    is updated only with probability ``prob``; a skipped group's gradients are dropped so that Adam
-    leaves its parameters (and moments) alone this step.  Returns the number of groups skipped."""
-    if prob >= 1.0:
-        return 0  # no random draw: the run stays identical to the ordinary one
-    skipped = 0
-    for group in groups:
-        if torch.rand((), generator=gen) >= prob:
-            skipped += 1
-            for module in group:
-                for p in module.parameters():
-                    p.grad = None
-    return skipped
 
 
 def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]:

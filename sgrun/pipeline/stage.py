@@ -32,7 +32,13 @@ from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import Writer
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
-from sgrun.tasks.classification import BatchSampler, classification_error, evaluation_split
+from sgrun.tasks.classification import (
+    BatchSampler,
+    classification_error,
+    evaluation_split,
+    label_context,
+)
+from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
 
@@ -186,7 +192,7 @@ class Stage:
             self.act_recv = irecv(shape, self.rank - 1, _TAG_ACT, self.device) if self.step < self.steps else None
             x.requires_grad_(True)
         n = y.shape[0]
-        ctx = nn.functional.one_hot(y, self.num_classes).float() if self.conditioned else None
+        ctx = label_context(y, self.num_classes, self.conditioned)
         self.opt.zero_grad(set_to_none=True)
         out = self.net(x, ctx, data)
         if self.last:
@@ -217,25 +223,23 @@ class Stage:
             self.take_targets()
 
     def draw_updates(self) -> list[bool]:
-        """Which layer groups update this step (all, without a draw, when ``update_prob`` is 1)."""
-        if self.update_prob >= 1.0:
-            return [True] * self.groups
-        return [bool(torch.rand((), generator=self.update_gen) < self.update_prob) for _ in range(self.groups)]
+        """Which layer groups update this step: every stage draws all groups' coins, as the
+        in-process engine does (:mod:`sgrun.updates`), and applies those of its own groups."""
+        return update_coins(self.groups, self.update_prob, self.update_gen)
 
     def skip_updates(self, upd: list[bool]) -> None:
-        """Drop the gradients of this stage's groups that do not update this step (as
-        :func:`sgrun.train.skip_updates` does in process); the boundary's synthesizer and the input
-        model below follow their groups' coins when their targets arrive."""
+        """Drop the gradients of this stage's groups that do not update this step; the boundary's
+        synthesizer and the input model below follow their groups' coins when their targets
+        arrive."""
         if self.update_prob >= 1.0:
             return
+        names = self.net.names
         skipped = [self.net.blocks[k - self.lo] for k in range(self.lo, self.hi) if not upd[k]]
-        skipped += [self.net.interfaces[self.net.names[k - self.lo]] for k in range(self.lo, self.hi)
-                    if not upd[k] and self.net.names[k - self.lo] in self.net.interfaces]
+        skipped += [self.net.interfaces[names[k - self.lo]] for k in range(self.lo, self.hi)
+                    if not upd[k] and names[k - self.lo] in self.net.interfaces]
         if self.net.head is not None and not upd[-1]:
             skipped.append(self.net.head)
-        for module in skipped:
-            for p in module.parameters():
-                p.grad = None
+        drop_gradients(skipped)
 
     @staticmethod
     def predict(synth: nn.Module, args: tuple) -> tuple[torch.Tensor, dict]:

@@ -34,7 +34,7 @@ from sgrun.dni.units import injected
 from sgrun.pipeline.cost import Link, StageTimes
 from sgrun.pipeline.split import plan_split
 from sgrun.pipeline.stage import Stage, full_model
-from sgrun.tasks.classification import BatchSampler
+from sgrun.tasks.classification import BatchSampler, label_context
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -141,7 +141,7 @@ def _one_step(stage: Stage, clock: _Clock, keep: bool) -> torch.Tensor:
     x, y = _input(stage, stage.batch)
     n = y.shape[0]
     clock.lap("data", keep)
-    ctx = nn.functional.one_hot(y, stage.num_classes).float() if stage.conditioned else None
+    ctx = label_context(y, stage.num_classes, stage.conditioned)
     stage.opt.zero_grad(set_to_none=True)
     out = stage.net(x, ctx, x if stage.unlocked else None)
     loss = nn.functional.cross_entropy(out, y) if stage.last else None

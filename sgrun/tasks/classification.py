@@ -68,6 +68,11 @@ def classification_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dev
     return 100.0 * wrong / len(x)
 
 
+def label_context(y: torch.Tensor, num_classes: int, conditioned: bool) -> torch.Tensor | None:
+    """The synthesizers' context: the one-hot label for cDNI (sec. 3.3), none for DNI."""
+    return nn.functional.one_hot(y, num_classes).float() if conditioned else None
+
+
 class Classification(Task):
     """Cross-entropy on mini-batches; test error every ``train.eval_every`` steps."""
 
@@ -104,7 +109,7 @@ class Classification(Task):
                 f"{len(self.model.interfaces)} interfaces, device {self.device}")
 
     def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = nn.functional.one_hot(y, self.data.num_classes).float() if self.conditioned else None
+        ctx = label_context(y, self.data.num_classes, self.conditioned)
         return nn.functional.cross_entropy(self.model(x, ctx), y)
 
     def next_batch(self):

@@ -227,7 +227,8 @@ def bench_model(name: str, steps: int, batch: int, stages: int, max_inflight: in
     if bounds is not None:
         synth = f"linear synthesizers at {', '.join(bounds)} only"
     print(f"\n{name.upper()} {METHODS[dni]}, batch {batch}, {steps} steps "
-          f"({steps * batch} samples), S = {stages}, max_inflight = {max_inflight}, M = {microbatches}, {synth}, "
+          f"({steps * batch} samples), S = {stages}, max_inflight = {max_inflight}, "
+          f"M = {microbatches}, {synth}, "
           f"budget {budget:.0f} s")
     print_stage_times(model)
     print(f"{'run':<32}{'samples/s':>11}{'/ (b)':>7}{'err % end':>10}{'err % @budget':>14}"

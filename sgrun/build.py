@@ -1,5 +1,5 @@
-"""The one place that turns config into objects: every model (``_target_`` of ``conf/model/``), every
-optimizer and every dataset (and the only caller of ``hydra.utils.instantiate``)."""
+"""The one place that turns config into objects: every model (``_target_`` of ``conf/model/``),
+every optimizer and every dataset (and the only caller of ``hydra.utils.instantiate``)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ FAMILY_DNI = {
 def check_runtime_family(runtime: str, family: str, model: str) -> None:
     """The multi-process runtime splits feed-forward nets only."""
     if runtime == "pipeline" and family != "feedforward":
-        raise ConfigError(f"runtime=pipeline runs feed-forward models (model=fcn|cnn), not model={model}: "
-                          "use runtime=inprocess")
+        raise ConfigError("runtime=pipeline runs feed-forward models (model=fcn|cnn), "
+                          f"not model={model}: use runtime=inprocess")
 
 
 def check_family_dni(family: str, model: str, dni: str) -> None:
@@ -45,9 +45,12 @@ def check_family_dni(family: str, model: str, dni: str) -> None:
     if valid is not None and dni not in valid:
         owners = "|".join(FAMILY_MODELS[f] for f, v in FAMILY_DNI.items() if dni in v)
         whose = f"dni={dni} is for model={owners}" if owners else f"dni={dni} is not a dni choice"
-        raise ConfigError(f"{whose}: with model={model} choose " + " or ".join(f"dni={v}" for v in valid)
-                          + (" (model.coupling=none|dni|bptt chooses the coupling)" if family == "hrnn" else ""))
-DIGIT_EVAL_SEED = 1_000_003  # the held-out digit stream's seed: the same stream for every run and seed
+        raise ConfigError(f"{whose}: with model={model} choose "
+                          + " or ".join(f"dni={v}" for v in valid)
+                          + (" (model.coupling=none|dni|bptt chooses the coupling)"
+                             if family == "hrnn" else ""))
+# the held-out digit stream's seed: the same stream for every run and seed
+DIGIT_EVAL_SEED = 1_000_003
 
 
 def device_of(name: str) -> torch.device:
@@ -55,7 +58,8 @@ def device_of(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but this machine has no CUDA device: set device=cpu or device=auto")
+        raise ConfigError(f"device={name} but this machine has no CUDA device: "
+                          "set device=cpu or device=auto")
     return torch.device(name)
 
 
@@ -66,13 +70,14 @@ def placement_of(dni: DictConfig) -> Placement | None:
         return None
     s = dni.synthesizer
     try:
-        spec = SynthesizerSpec(kind=s.kind, hidden=s.hidden, layers=s.layers, kernel=s.kernel, batchnorm=s.batchnorm)
+        spec = SynthesizerSpec(kind=s.kind, hidden=s.hidden, layers=s.layers, kernel=s.kernel,
+                               batchnorm=s.batchnorm)
     except ValueError as e:
         raise ConfigError(f"{e}: fix dni.synthesizer") from None
     si = dni.get("synthetic_input")
     inputs = SynthesizerSpec(kind="mlp", hidden=si.hidden, layers=si.layers) if si else None
-    return Placement(cuts=tuple(cuts), synthesizer=spec, conditioned=bool(dni.conditioned), mode=dni.mode,
-                     scale=float(dni.scale), synthetic_input=inputs,
+    return Placement(cuts=tuple(cuts), synthesizer=spec, conditioned=bool(dni.conditioned),
+                     mode=dni.mode, scale=float(dni.scale), synthetic_input=inputs,
                      bootstrap_scale=_optional_float(dni.get("bootstrap_scale")))
 
 
@@ -81,9 +86,9 @@ def _optional_float(value) -> float | None:
 
 
 def build_model(model: DictConfig, consumed: tuple[str, ...] = (), **runtime) -> torch.nn.Module:
-    """Instantiate ``model`` (a ``conf/model/`` config with its ``_target_``) with the sizes known only
-    at run time (``in_shape``, ``num_classes``, ``input_size``...); ``consumed`` are keys of the model
-    group that the task reads itself (the truncation ``k`` of an RNN)."""
+    """Instantiate ``model`` (a ``conf/model/`` config with its ``_target_``) with the sizes known
+    only at run time (``in_shape``, ``num_classes``, ``input_size``...); ``consumed`` are keys of
+    the model group that the task reads itself (the truncation ``k`` of an RNN)."""
     kwargs = {k: v for k, v in OmegaConf.to_container(model, resolve=True).items()
               if k not in ("name", "family", *consumed)}
     try:
@@ -108,14 +113,16 @@ def build_optimizer(cfg: DictConfig, params: list, synth_params: list, steps: in
     lr = float(cfg.optim.lr)
     groups = [{"params": list(params), "lr": lr}]
     if synth_params:
-        groups.append({"params": list(synth_params), "lr": lr * float(cfg.dni.get("lr_factor", 1.0))})
+        groups.append({"params": list(synth_params),
+                       "lr": lr * float(cfg.dni.get("lr_factor", 1.0))})
     return _adam_with_decay(cfg, groups, steps)
 
 
 def build_synthesizer_optimizer(cfg: DictConfig, synthesizer: torch.nn.Module, steps: int):
     """Adam and step decay for a synthesizer (or input model) trained on its own, as the one of a
     pipeline stage's boundary: the synthesizer learning rate of :func:`build_optimizer`."""
-    params = [{"params": list(synthesizer.parameters()), "lr": float(cfg.optim.lr) * float(cfg.dni.get("lr_factor", 1.0))}]
+    params = [{"params": list(synthesizer.parameters()),
+               "lr": float(cfg.optim.lr) * float(cfg.dni.get("lr_factor", 1.0))}]
     return _adam_with_decay(cfg, params, steps)
 
 
@@ -134,8 +141,10 @@ def check_family_data(cfg: DictConfig) -> None:
     family, name = cfg.model.family, cfg.data.name
     valid = FAMILY_DATA.get(family)
     if valid is not None and name not in valid:
-        raise ConfigError(f"model={cfg.model.name} trains on {', '.join(valid)}, not data={name}: choose "
-                          + " or ".join(f"data={v}" for v in valid) + " (or leave data= out for its default)")
+        raise ConfigError(f"model={cfg.model.name} trains on {', '.join(valid)}, "
+                          f"not data={name}: choose "
+                          + " or ".join(f"data={v}" for v in valid)
+                          + " (or leave data= out for its default)")
 
 
 def _options(node) -> dict:
@@ -145,32 +154,40 @@ def _options(node) -> dict:
 def build_images(cfg: DictConfig) -> ImageData:
     """The image dataset of ``cfg.data`` (MNIST, CIFAR-10 or the generated one)."""
     check_family_data(cfg)
-    return load_images(cfg.data.name, cfg.data_dir, download=cfg.data.download, **_options(cfg.data.options))
+    return load_images(cfg.data.name, cfg.data_dir, download=cfg.data.download,
+                       **_options(cfg.data.options))
 
 
-def build_sequence_stream(cfg: DictConfig, batch_size: int) -> tuple[CopyTask | PTBStream, PTBChars | None]:
+def build_sequence_stream(cfg: DictConfig,
+                          batch_size: int) -> tuple[CopyTask | PTBStream, PTBChars | None]:
     """The training stream of a sequence task and, for Penn Treebank, the loaded characters."""
     check_family_data(cfg)
     name = cfg.data.name
     if name in ("copy", "repeat_copy"):
         try:
-            return CopyTask(batch_size, seed=cfg.seed, repeat=name == "repeat_copy", **_options(cfg.data.options)), None
+            return CopyTask(batch_size, seed=cfg.seed, repeat=name == "repeat_copy",
+                            **_options(cfg.data.options)), None
         except TypeError as e:
-            raise ConfigError(f"data.options of {name}: {e}: see conf/data/{name}.yaml for the valid keys") from None
+            raise ConfigError(f"data.options of {name}: {e}: "
+                              f"see conf/data/{name}.yaml for the valid keys") from None
     sums = cfg.data.get("checksums")
     chars = load_ptb_chars(cfg.data_dir, download=bool(cfg.data.download),
-                           checksums=None if sums is None else OmegaConf.to_container(sums, resolve=True))
+                           checksums=None if sums is None
+                           else OmegaConf.to_container(sums, resolve=True))
     return PTBStream(chars.train, batch_size, vocab_size=chars.vocab_size), chars
 
 
-def build_digit_streams(cfg: DictConfig, batch_size: int, T: int) -> tuple[DigitCountTask, Callable[[], DigitCountTask]]:
+def build_digit_streams(cfg: DictConfig, batch_size: int,
+                        T: int) -> tuple[DigitCountTask, Callable[[], DigitCountTask]]:
     """The training digit stream and a function returning the (always identical) held-out stream."""
     check_family_data(cfg)
     d = cfg.data
     train_images = train_labels = test_images = test_labels = None
     if d.mode == "images":
-        images = load_images(d.images, cfg.data_dir, download=bool(d.download), **_options(d.get("image_options")))
-        train_images, train_labels, test_images, test_labels = images.train_x, images.train_y, images.test_x, images.test_y
+        images = load_images(d.images, cfg.data_dir, download=bool(d.download),
+                             **_options(d.get("image_options")))
+        train_images, train_labels, test_images, test_labels = (images.train_x, images.train_y,
+                                                                images.test_x, images.test_y)
     train = DigitCountTask(batch_size, T, d.mode, train_images, train_labels, seed=cfg.seed)
     eval_batch = int(d.eval_batch_size)
 

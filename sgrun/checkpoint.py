@@ -36,7 +36,8 @@ class CorruptCheckpoint(Exception):
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -91,7 +92,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 class Checkpointer:
-    """Saves every ``every`` steps and on SIGINT/SIGTERM; finds the last intact checkpoint to resume.
+    """Saves every ``every`` steps and on SIGINT/SIGTERM; finds the last intact checkpoint to
+    resume.
 
     Use as a context manager around the training loop: inside it, SIGINT/SIGTERM only set a flag,
     and the loop calls :meth:`step_done` after each step, which saves and stops when asked to.
@@ -126,7 +128,8 @@ class Checkpointer:
         self.stop_signal = signum
 
     def load(self) -> dict | None:
-        """The newest intact checkpoint (``None`` if there is none); a corrupt one is skipped loudly."""
+        """The newest intact checkpoint (``None`` if there is none); a corrupt one is skipped
+        loudly."""
         candidates = [p for p in (self.dir / NAME, self.dir / PREVIOUS) if p.exists()]
         problems = []
         for p in candidates:
@@ -147,17 +150,20 @@ class Checkpointer:
         return None
 
     def step_done(self, step: int, total: int, state_fn) -> None:
-        """Save on schedule or when a signal came; after a signal, stop with :class:`Interrupted`."""
+        """Save on schedule or when a signal came; after a signal, stop with
+        :class:`Interrupted`."""
         if not self.enabled:
             if self.stop_signal is not None:
-                raise Interrupted(f"interrupted at step {step} (no checkpoint: checkpoint.every is 0)")
+                raise Interrupted(f"interrupted at step {step} "
+                                  "(no checkpoint: checkpoint.every is 0)")
             return
         due = self.every > 0 and step % self.every == 0 and step < total
         if due or self.stop_signal is not None:
             write_checkpoint(self.path, state_fn(), self.last_step)
             self.last_step = step
         if self.stop_signal is not None:
-            raise Interrupted(f"interrupted at step {step}/{total}: checkpoint saved in {self.path}")
+            raise Interrupted(f"interrupted at step {step}/{total}: "
+                              f"checkpoint saved in {self.path}")
 
     def clear(self) -> None:
         """A finished run keeps its summary, not its checkpoints."""

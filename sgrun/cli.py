@@ -29,14 +29,15 @@ from sgrun.errors import SgrunError
 
 
 def conf_dir() -> str:
-    """The configs: ``sgrun/conf`` inside an installed wheel (the top-level ``conf/`` is mapped there
-    by pyproject.toml), the top-level ``conf/`` of a source checkout or an editable install; absolute,
-    so that the command finds them from any folder."""
+    """The configs: ``sgrun/conf`` inside an installed wheel (the top-level ``conf/`` is mapped
+    there by pyproject.toml), the top-level ``conf/`` of a source checkout or an editable install;
+    absolute, so that the command finds them from any folder."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "conf", package.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return str(candidate)
-    raise SystemExit("sgrun: error: the configs (conf/config.yaml) are missing from this installation: reinstall sgrun")
+    raise SystemExit("sgrun: error: the configs (conf/config.yaml) are missing from this "
+                     "installation: reinstall sgrun")
 
 
 CONF_DIR = conf_dir()
@@ -119,13 +120,15 @@ def _main(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     # a dataset's loader options are open (the loader names its valid ones); nothing else is
-    added = [key for key in (o.split("=", 1)[0] for o in hc.overrides.task if o.startswith("+") and o[1:2] != "+")
+    added = [key for key in (o.split("=", 1)[0] for o in hc.overrides.task
+                             if o.startswith("+") and o[1:2] != "+")
              if ".options." not in key and not key.startswith("+data.image_options.")]
     if added:
         key = added[0][1:]
         fail(f"sgrun reads no key {key!r} (a '+' adds a key that no part of sgrun uses): "
              + nearest_key(cfg, key) + "list the valid keys with: sgrun --cfg job")
-    if any(o.startswith("dni=") for o in hc.overrides.task):  # a preset's own choice is right by construction
+    # a preset's own choice is right by construction
+    if any(o.startswith("dni=") for o in hc.overrides.task):
         try:
             check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
             check_family_dni(cfg.model.family, cfg.model.name, hc.runtime.choices.get("dni"))
@@ -140,7 +143,9 @@ def _main(cfg: DictConfig) -> float | None:
         # Ctrl-C / SIGTERM stops the whole sweep, after the checkpoint is saved
         if cfg.runtime.name == "pipeline":
             fail(str(e), code=130)  # it says that pipeline runs keep no checkpoint
-        fail(f"{e}; {continue_hint(Path(cfg.resume) if cfg.get('resume') else out_dir, multirun, hc)}", code=130)
+        fail(f"{e}; "
+             f"{continue_hint(Path(cfg.resume) if cfg.get('resume') else out_dir, multirun, hc)}",
+             code=130)
     except SgrunError as e:
         if not multirun:
             fail(str(e))  # exits here, before Hydra adds its own multi-line report
@@ -160,7 +165,8 @@ def _main(cfg: DictConfig) -> float | None:
     task = TASKS.get(cfg.model.family)
     value = metrics.get(task.primary if task else "test_error")
     what = cfg.get("name") or f"model={cfg.model.name} data={cfg.data.name} dni={cfg.dni.name}"
-    print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: {task.headline(metrics)}")
+    print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: "
+          f"{task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
     return value
 
@@ -187,7 +193,8 @@ def nearest_key(cfg: DictConfig, key: str) -> str:
                 yield path
     keys = [k for k in leaves(cfg) if k != key]
     group = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    near = (difflib.get_close_matches(key, [k for k in keys if k.startswith(group)], n=1, cutoff=0.6)
+    near = (difflib.get_close_matches(key, [k for k in keys if k.startswith(group)], n=1,
+                                      cutoff=0.6)
             or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
     return f"did you mean {near[0]}? (set it without the '+'); " if near else ""
 
@@ -206,8 +213,10 @@ def continue_hint(out_dir: Path, multirun: bool, hc) -> str:
 def one_line(e: BaseException) -> str:
     """Hydra/OmegaConf messages span several lines; keep what names the problem and the choices."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type", "Set the environment"))]
-    keep = [ln + ("." if ln.startswith("In '") or ln.startswith("Could not find") else "") for ln in keep]
+    keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type",
+                                                      "Set the environment"))]
+    keep = [ln + ("." if ln.startswith("In '") or ln.startswith("Could not find") else "")
+            for ln in keep]
     text = " ".join(keep).replace("\t", " ").split(" Config search path:")[0]
     if "Could not override" in text or "is not in struct" in text or "Key '" in text:
         text += " (list the valid keys with: sgrun --cfg job)"
@@ -231,15 +240,16 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as e:
         fail(one_line(e))
     except PermissionError as e:
-        fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with hydra.run.dir=<dir> "
-             "(or hydra.sweep.dir=<dir> for -m)")
+        fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with "
+             "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m)")
     except BrokenPipeError:  # e.g. sgrun --help | head: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except OSError as e:
         if e.filename is None:
             raise
-        fail(f"cannot write {e.filename}: {e.strerror}: choose another output folder with hydra.run.dir=<dir>")
+        fail(f"cannot write {e.filename}: {e.strerror}: "
+             "choose another output folder with hydra.run.dir=<dir>")
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     if _failures:

@@ -30,7 +30,8 @@ def folder_lock(folder: Path, what: str = "another sgrun run",
         handle.seek(0)
         pid = handle.read().strip() or "unknown"
         handle.close()
-        raise SgrunError(f"{folder} is in use by {what} (PID {pid}): wait for it to end, or {fix}") from None
+        raise SgrunError(f"{folder} is in use by {what} (PID {pid}): "
+                         f"wait for it to end, or {fix}") from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

@@ -54,8 +54,10 @@ class Writer(NullWriter):
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         # written into the run's own folder so that TensorBoard's HParams tab lists one row per run
-        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        finite = {f"hparam/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                 for k, v in hparams.items()}
+        finite = {f"hparam/{k}": float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(v)}
         self._guarded(self._tb.add_hparams, clean, finite, run_name=".")
 
     def close(self) -> None:
@@ -78,8 +80,9 @@ def _quiet_event_threads() -> None:
 
 
 def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
-    """Write ``payload`` through a temporary file (flushed to disk) and a rename: never a half-written
-    file; a full disk or a folder in the way is one line naming the file.  Returns its size and sha256."""
+    """Write ``payload`` through a temporary file (flushed to disk) and a rename: never a
+    half-written file; a full disk or a folder in the way is one line naming the file.  Returns its
+    size and sha256."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -100,9 +103,11 @@ def verify_file(path: Path, record: dict) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
-    return len(data) == record.get("bytes") and hashlib.sha256(data).hexdigest() == record.get("sha256")
+    return (len(data) == record.get("bytes")
+            and hashlib.sha256(data).hexdigest() == record.get("sha256"))
 
 
 def write_json_atomic(path: str | Path, data: dict) -> dict:
     """Write ``data`` as JSON atomically (:func:`write_bytes_atomic`)."""
-    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str)
+                                     + "\n").encode())

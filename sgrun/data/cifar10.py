@@ -39,7 +39,8 @@ PIXELS = 3 * 32 * 32  # one row of a batch's data: 1024 red, then 1024 green, th
 FIX = "delete it and run again to re-fetch, or put the official file there"
 
 
-def load_cifar10(data_dir: str | Path, download: bool = True, checksums: dict[str, str] | None = None) -> ImageData:
+def load_cifar10(data_dir: str | Path, download: bool = True,
+                 checksums: dict[str, str] | None = None) -> ImageData:
     """Load CIFAR-10 (50000 train / 10000 test, 3x32x32) from ``data_dir/cifar10/``.
 
     Missing batches are extracted from a ``cifar-10-python.tar.gz`` in that folder, or (when
@@ -116,7 +117,8 @@ def read_batch(path: Path, md5: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(field("data"))
     y = np.asarray(field("labels"))
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS:
-        raise DataError(f"{path} has data of shape {x.shape} and type {x.dtype}, expected uint8 N x {PIXELS}: {FIX}")
+        raise DataError(f"{path} has data of shape {x.shape} and type {x.dtype}, "
+                        f"expected uint8 N x {PIXELS}: {FIX}")
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{path} has {y.size} labels for {len(x)} images: {FIX}")
     if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
@@ -143,14 +145,16 @@ def _extract_local(archive: Path, folder: Path, missing: list[str], md5s: dict[s
         fetch.extract_members(archive, _members(folder, missing, md5s))
     except fetch.FetchFailed as e:
         raise DataError(
-            f"cannot extract CIFAR-10 from {archive} ({fetch.one_line(e)}): delete it and download it again from {URL}"
+            f"cannot extract CIFAR-10 from {archive} ({fetch.one_line(e)}): "
+            f"delete it and download it again from {URL}"
         ) from None
 
 
 def _fetch(root: Path, folder: Path, missing: list[str], md5s: dict[str, str]) -> str | None:
     """Download the official archive and extract the missing batches. Returns why it failed."""
     try:
-        fetch.download(URL, root / ARCHIVE, md5s[ARCHIVE], message=f"fetching CIFAR-10 from {URL} into {root}")
+        fetch.download(URL, root / ARCHIVE, md5s[ARCHIVE],
+                       message=f"fetching CIFAR-10 from {URL} into {root}")
         fetch.extract_members(root / ARCHIVE, _members(folder, missing, md5s))
     except fetch.FetchFailed as e:
         return str(e)

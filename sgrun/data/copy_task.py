@@ -84,7 +84,8 @@ def make_episode(
     )
 
 
-def _packed_episode(rng: torch.Generator, n: int, bits: int, repeat: int | None, max_repeat_norm: float) -> Tensor:
+def _packed_episode(rng: torch.Generator, n: int, bits: int, repeat: int | None,
+                    max_repeat_norm: float) -> Tensor:
     """``[T, in + out + 2]``: x | y | mask | a spare column (the stream stores a stage tag there).
 
     One tensor per episode keeps the stream's per-step copying to one slice assignment.
@@ -178,7 +179,8 @@ class CopyTask(StreamTask):
         self.bits = check_positive_int(bits, "bits", "set data.bits to the bits per copy step")
         self.window = check_positive_int(window, "window", "set data.window (output steps)")
         if not max_repeat_norm > 0:
-            raise ConfigError(f"max_repeat_norm must be > 0 (got {max_repeat_norm!r}): set data.max_repeat_norm")
+            raise ConfigError(f"max_repeat_norm must be > 0 (got {max_repeat_norm!r}): "
+                              "set data.max_repeat_norm")
         if not threshold > 0:
             raise ConfigError(f"threshold must be > 0 (got {threshold!r}): set data.threshold")
         self.seed = int(seed)
@@ -253,7 +255,8 @@ class CopyTask(StreamTask):
             raise RuntimeError("CopyTask.report() must follow next_block(), at most once per block")
         counted, self._pending = self._pending, None
         if tuple(step_errors.shape) != tuple(counted.shape):
-            raise ValueError(f"step_errors has shape {tuple(step_errors.shape)}, the block is {tuple(counted.shape)}")
+            raise ValueError(f"step_errors has shape {tuple(step_errors.shape)}, "
+                             f"the block is {tuple(counted.shape)}")
         n_counted = int(counted.sum())
         if n_counted == 0:
             return False
@@ -303,7 +306,8 @@ class CopyTask(StreamTask):
         stage = self._ep_stage[b]
         n, r = self._stage_level(stage, self.repeat)
         self._gen.manual_seed(_episode_seed(self.seed, b, self._index[b]))
-        packed = _packed_episode(self._gen, n, self.bits, r if self.repeat else None, self.max_repeat_norm)
+        packed = _packed_episode(self._gen, n, self.bits, r if self.repeat else None,
+                                 self.max_repeat_norm)
         packed[:, -1] = float(stage)
         return packed
 

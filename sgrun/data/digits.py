@@ -117,7 +117,8 @@ class DigitCountTask(StreamTask):
         if mode == "images":
             if images is None or labels is None:
                 raise ConfigError(
-                    "mode='images' needs images and labels: load MNIST and pass them, or use mode='classes'"
+                    "mode='images' needs images and labels: load MNIST and pass them, "
+                    "or use mode='classes'"
                 )
             if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
                 raise ConfigError(

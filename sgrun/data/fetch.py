@@ -57,7 +57,8 @@ def dataset_folder(data_dir: str | os.PathLike, name: str) -> Path:
     root = Path(data_dir).expanduser()
     for path in (root, root / name):
         if path.exists() and not path.is_dir():
-            raise DataError(f"{path} is a file, not a folder: set data_dir=<a folder> (or SGRUN_DATA_DIR), "
+            raise DataError(f"{path} is a file, not a folder: "
+                            "set data_dir=<a folder> (or SGRUN_DATA_DIR), "
                             f"or move that file away")
     return root / name
 
@@ -66,8 +67,9 @@ def present(path: Path) -> bool:
     """Whether the dataset file ``path`` is there; a folder in its place is a one-line DataError
     (never "not found", and never fetched over)."""
     if path.exists() and not path.is_file():
-        raise DataError(f"{path} is a folder, not the dataset file of that name: remove it (or move it "
-                        "away) and run again to fetch the file, or put the file there")
+        raise DataError(f"{path} is a folder, not the dataset file of that name: "
+                        "remove it (or move it away) and run again to fetch the file, "
+                        "or put the file there")
     return path.is_file()
 
 
@@ -76,8 +78,8 @@ def make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create {folder} ({e.strerror or one_line(e)}): set data_dir=<a writable "
-                        "folder> (or SGRUN_DATA_DIR)") from None
+        raise DataError(f"cannot create {folder} ({e.strerror or one_line(e)}): "
+                        "set data_dir=<a writable folder> (or SGRUN_DATA_DIR)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,13 +106,16 @@ def read_bytes(path: Path) -> bytes:
         ) from None
 
 
-def with_overrides(what: str, md5s: dict[str, str], checksums: dict[str, str] | None) -> dict[str, str]:
-    """``md5s`` updated by a caller's ``checksums`` (tests, other releases); an unknown name is a ConfigError."""
+def with_overrides(what: str, md5s: dict[str, str],
+                   checksums: dict[str, str] | None) -> dict[str, str]:
+    """``md5s`` updated by a caller's ``checksums`` (tests, other releases); an unknown name is a
+    ConfigError."""
     if checksums:
         unknown = sorted(set(checksums) - set(md5s))
         if unknown:
             raise ConfigError(
-                f"checksums names unknown {what} file(s) {', '.join(unknown)}: valid names are {', '.join(md5s)}"
+                f"checksums names unknown {what} file(s) {', '.join(unknown)}: "
+                f"valid names are {', '.join(md5s)}"
             )
         md5s = {**md5s, **checksums}
     return md5s
@@ -152,8 +157,9 @@ def partial_file(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
     try:
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as e:
-        raise DataError(f"cannot write in {dest.parent} ({e.strerror or one_line(e)}): free space there or "
-                        "set data_dir=<a writable folder> (or SGRUN_DATA_DIR)") from None
+        raise DataError(f"cannot write in {dest.parent} ({e.strerror or one_line(e)}): "
+                        "free space there or set data_dir=<a writable folder> "
+                        "(or SGRUN_DATA_DIR)") from None
     tmp_path = Path(tmp)
     try:
         with os.fdopen(fd, "wb") as f:

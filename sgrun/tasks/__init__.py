@@ -10,6 +10,7 @@ from sgrun.tasks.classification import Classification
 from sgrun.tasks.sequence import Sequence
 from sgrun.tasks.two_timescale import TwoTimescale
 
-TASKS: dict[str, type[Task]] = {"feedforward": Classification, "rnn": Sequence, "hrnn": TwoTimescale}
+TASKS: dict[str, type[Task]] = {"feedforward": Classification, "rnn": Sequence,
+                                 "hrnn": TwoTimescale}
 
 __all__ = ["TASKS", "Classification", "Sequence", "Task", "TwoTimescale"]

@@ -54,7 +54,8 @@ class Task:
         raise NotImplementedError
 
     def train_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """Forward and backward of one batch (gradients are zeroed before, the optimizer steps after).
+        """Forward and backward of one batch (gradients are zeroed before, the optimizer steps
+        after).
 
         Returns detached scalars the engine sums over the logging interval, tagged as logged
         (``loss/train``, ``dni/<cut>/sg_loss``); the divergence guard checks every one of them."""

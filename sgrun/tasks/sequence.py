@@ -1,14 +1,14 @@
-"""Sequences with truncated BPTT, DNI or DNI + Aux: Copy, Repeat Copy and Penn Treebank characters
-(Jaderberg et al. 2017, sec. 3.1, Table 1).
+"""Sequences with truncated BPTT, DNI or DNI + Aux: Copy, Repeat Copy and Penn Treebank
+characters (Jaderberg et al. 2017, sec. 3.1, Table 1).
 
 ``B`` continuous streams (Copy / Repeat Copy episodes one after another, or Penn Treebank text) are
 read ``model.k`` steps at a time; each block is one optimizer step (:func:`sgrun.dni.recurrent.
 truncated_step`: the state is carried across blocks and detached at each boundary, where the
 synthetic gradient stands in for the future).
 
-Copy and Repeat Copy (:class:`~sgrun.data.copy_task.CopyTask`, with its curriculum) report the largest
-N solved; Penn Treebank reports bits per character on validation (early stopping) and the test BPC
-at the best validation point.
+Copy and Repeat Copy (:class:`~sgrun.data.copy_task.CopyTask`, with its curriculum) report the
+largest N solved; Penn Treebank reports bits per character on validation (early stopping) and the
+test BPC at the best validation point.
 
 TensorBoard tags (x axis: training step unless said otherwise): ``loss/train`` (the real loss),
 ``perf/chars_per_sec``, ``curriculum/N``, ``curriculum/R``, ``curriculum/largest_solved``,
@@ -45,13 +45,15 @@ EVAL_BLOCK = 100       # PTB evaluation: steps per forward call (state carried, 
 
 
 def copy_step_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """``[k, B, O]`` logits and 0/1 targets -> ``[k, B]``: binary cross-entropy summed over the bits."""
+    """``[k, B, O]`` logits and 0/1 targets -> ``[k, B]``: binary cross-entropy summed over the
+    bits."""
     return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(-1)
 
 
 def lm_step_loss(logits: Tensor, y: Tensor) -> Tensor:
     """``[k, B, V]`` logits and ``[k, B]`` next-symbol ids -> ``[k, B]``: cross-entropy in nats."""
-    return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                       reduction="none").view_as(y)
 
 
 def peek(task: StreamTask, steps: int) -> Block:
@@ -67,17 +69,20 @@ def read_block(task: StreamTask, k: int, look_ahead: bool = False) -> tuple[Bloc
     ``k`` steps after them (``[k, B, ...]``, the DNI + Aux look-ahead), else ``None``.
 
     The look-ahead is a :func:`peek` taken *before* the block is read, so the stream advances by
-    ``k`` steps exactly as without it (and a copy task's block is still open for ``report``).  At the
-    moment a copy-task curriculum advances, episodes that start in the next block are generated at the
-    new level, so the look-ahead saw the old level there: a prediction target, not the data trained on.
+    ``k`` steps exactly as without it (and a copy task's block is still open for ``report``).  At
+    the moment a copy-task curriculum advances, episodes that start in the next block are generated
+    at the new level, so the look-ahead saw the old level there: a prediction target, not the data
+    trained on.
     """
     ahead = peek(task, 2 * k).x[k:] if look_ahead else None
     return task.next_block(k), ahead
 
 
 @torch.no_grad()
-def evaluate_bpc(model: nn.Module, ids: Tensor, batch_size: int, block: int, device: torch.device) -> float:
-    """Bits per character of ``ids`` read as ``batch_size`` contiguous streams (state carried, from zero)."""
+def evaluate_bpc(model: nn.Module, ids: Tensor, batch_size: int, block: int,
+                 device: torch.device) -> float:
+    """Bits per character of ``ids`` read as ``batch_size`` contiguous streams (state carried, from
+    zero)."""
     batch_size = max(1, min(batch_size, len(ids) // 2))
     was_training = model.training
     model.eval()
@@ -116,7 +121,8 @@ class Sequence(Task):
         self.aux_weight = float(cfg.dni.get("aux_weight", 0.0) or 0.0)
         self.model = build_model(cfg.model, consumed=("k",), input_size=self.stream.input_size,
                                  output_size=self.stream.output_size, token_input=not self.is_copy,
-                                 placement=placement_of(cfg.dni), aux=self.aux_weight > 0).to(device)
+                                 placement=placement_of(cfg.dni),
+                                 aux=self.aux_weight > 0).to(device)
         self.horizon = -(-int(t.get("sg_horizon", SG_HORIZON)) // k) * k  # whole blocks
         self.sg_quality = bool(t.get("sg_quality", True)) and self.model.synthesizer is not None
         self.eval_batch = int(cfg.data.get("eval_batch_size", EVAL_BATCH))
@@ -127,8 +133,8 @@ class Sequence(Task):
         # plateau); train.steps stays the hard cap
         self.plateau = t.get("plateau_samples")
         if self.plateau is not None and not self.is_copy:
-            raise ConfigError("train.plateau_samples stops a copy task's curriculum; PTB stops early on "
-                              "validation BPC: use train.patience")
+            raise ConfigError("train.plateau_samples stops a copy task's curriculum; "
+                              "PTB stops early on validation BPC: use train.patience")
         self.state = self.model.initial_state(self.batch_size, device)
         self.history: list[tuple] = []
         self.best = {"bpc": math.inf, "step": 0, "params": None, "stale": 0}
@@ -138,20 +144,24 @@ class Sequence(Task):
         return self.k * self.batch_size
 
     def parameter_groups(self):
-        synth = list(self.model.synthesizer.parameters()) if self.model.synthesizer is not None else []
+        synth = (list(self.model.synthesizer.parameters()) if self.model.synthesizer is not None
+                 else [])
         return self.model.core_parameters(), synth
 
     def describe(self) -> str:
-        return f"{self.name}: LSTM {self.model.hidden}, k={self.k}, batch {self.batch_size}, device {self.device}"
+        return (f"{self.name}: LSTM {self.model.hidden}, k={self.k}, batch {self.batch_size}, "
+                f"device {self.device}")
 
     def next_batch(self):
         block, ahead = read_block(self.stream, self.k, look_ahead=self.model.aux_head is not None)
-        x, y, mask = block.x.to(self.device), block.y.to(self.device), block.mask.to(self.device)  # [k, B, ...]
+        x, y, mask = (block.x.to(self.device), block.y.to(self.device),
+                      block.mask.to(self.device))  # [k, B, ...]
         return x, y, mask, None if ahead is None else ahead.to(self.device)
 
     def train_step(self, batch) -> dict[str, Tensor]:
         x, y, mask, x_next = batch
-        result = truncated_step(self.model, x, y, mask, self.state, self.step_loss, self.aux_weight, x_next)
+        result = truncated_step(self.model, x, y, mask, self.state, self.step_loss, self.aux_weight,
+                                x_next)
         self.state = result.state  # carried to the next block, detached
         values = {"loss/train": result.loss}
         if result.sg_loss is not None:
@@ -163,19 +173,22 @@ class Sequence(Task):
             n, r = task.solved
             self.history.append((self.step, task.samples_seen, n, r))
             self.writer.scalar("by_samples/largest_solved", n, task.samples_seen)
-            log.info("step %d: solved N=%d R=%d after %d episodes", self.step, n, r, task.samples_seen)
+            log.info("step %d: solved N=%d R=%d after %d episodes", self.step, n, r,
+                     task.samples_seen)
         return values
 
     def diagnostics(self, batch) -> dict[str, float]:
         out: dict[str, float] = {}
         task = self.stream
         if self.is_copy:
-            out.update({"curriculum/N": task.n, "curriculum/R": task.repeats, "curriculum/largest_solved": task.level})
+            out.update({"curriculum/N": task.n, "curriculum/R": task.repeats,
+                        "curriculum/largest_solved": task.level})
             if task.last_error is not None:
                 out["curriculum/error"] = task.last_error
         if self.sg_quality:
             future = _to(peek(task, self.horizon), self.device)
-            quality = future_gradient_quality(self.model, self.state, future, self.k, self.step_loss)
+            quality = future_gradient_quality(self.model, self.state, future, self.k,
+                                              self.step_loss)
             out.update({f"dni/state/{name}": v for name, v in quality.items()})
         return out
 
@@ -183,20 +196,23 @@ class Sequence(Task):
         return {"N": self.stream.n} if self.is_copy else {}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        # Jaderberg et al. 2017, sec. 3.1: early stopping on validation BPC; keep the best parameters
-        bpc = evaluate_bpc(self.model, self.chars.valid[:self.eval_chars], self.eval_batch, self.eval_block,
-                           self.device)
+        # Jaderberg et al. 2017, sec. 3.1: early stopping on validation BPC; keep the best
+        # parameters
+        bpc = evaluate_bpc(self.model, self.chars.valid[:self.eval_chars], self.eval_batch,
+                           self.eval_block, self.device)
         self.writer.scalar("by_samples/bpc_valid", bpc, self.stream.samples_seen)
         self.history.append((step, self.stream.samples_seen, bpc))
         log.info("step %d  valid BPC %.4f", step, bpc)
         if bpc < self.best["bpc"]:
             self.best = {"bpc": bpc, "step": step, "stale": 0,
-                         "params": {n: v.detach().clone() for n, v in self.model.state_dict().items()}}
+                         "params": {n: v.detach().clone()
+                                    for n, v in self.model.state_dict().items()}}
         else:
             self.best["stale"] += 1
             self.stopped_early = bool(self.patience) and self.best["stale"] >= self.patience
             if self.stopped_early:
-                log.info("step %d: no better validation BPC in %d evaluations: stopping early", step, self.patience)
+                log.info("step %d: no better validation BPC in %d evaluations: stopping early",
+                         step, self.patience)
         return {"bpc/valid": bpc}
 
     def last_growth(self) -> int:
@@ -205,19 +221,21 @@ class Sequence(Task):
         return self.history[-1][1] if self.history else 0
 
     def plateau_reached(self) -> bool:
-        return self.plateau is not None and self.stream.samples_seen - self.last_growth() >= self.plateau
+        return (self.plateau is not None
+                and self.stream.samples_seen - self.last_growth() >= self.plateau)
 
     def should_stop(self) -> bool:
         if self.is_copy and self.plateau_reached():
             if not self.stopped_early:
                 log.info("step %d: the curriculum (largest N %d) has not advanced in %d episodes "
-                         "(train.plateau_samples): stopping", self.step, self.stream.level, self.stream.samples_seen - self.last_growth())
+                         "(train.plateau_samples): stopping", self.step, self.stream.level,
+                         self.stream.samples_seen - self.last_growth())
             self.stopped_early = True
         return self.stopped_early
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "stream": self.stream.state_dict(), "state": self.state,
-                "history": list(self.history), "best": dict(self.best)}
+        return {"model": self.model.state_dict(), "stream": self.stream.state_dict(),
+                "state": self.state, "history": list(self.history), "best": dict(self.best)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -227,7 +245,8 @@ class Sequence(Task):
 
     def final_metrics(self, steps: int) -> dict:
         task = self.stream
-        metrics: dict = {"steps": steps, "samples_seen": task.samples_seen, "k": self.k, "history": self.history}
+        metrics: dict = {"steps": steps, "samples_seen": task.samples_seen, "k": self.k,
+                         "history": self.history}
         if self.is_copy:
             # the time dependency of each solved level: N * R output steps after reading N items,
             # in an episode of 2N + 1 (Copy) or N + 1 + N * R + 1 steps (Repeat Copy)
@@ -242,13 +261,13 @@ class Sequence(Task):
                 metrics["plateau_reached"] = self.plateau_reached()
             return metrics
         self.model.load_state_dict(self.best["params"])
-        bpc_test = evaluate_bpc(self.model, self.chars.test[:self.eval_chars], self.eval_batch, self.eval_block,
-                                self.device)
+        bpc_test = evaluate_bpc(self.model, self.chars.test[:self.eval_chars], self.eval_batch,
+                                self.eval_block, self.device)
         self.writer.scalar("bpc/test", bpc_test, self.best["step"])
-        log.info("test BPC %.4f at the best validation point (step %d, valid %.4f)", bpc_test, self.best["step"],
-                 self.best["bpc"])
-        metrics.update({"bpc_test": bpc_test, "bpc_valid_best": self.best["bpc"], "best_step": self.best["step"],
-                        "primary": bpc_test})
+        log.info("test BPC %.4f at the best validation point (step %d, valid %.4f)", bpc_test,
+                 self.best["step"], self.best["bpc"])
+        metrics.update({"bpc_test": bpc_test, "bpc_valid_best": self.best["bpc"],
+                        "best_step": self.best["step"], "primary": bpc_test})
         return metrics
 
     @staticmethod

@@ -133,7 +133,9 @@ def test_both_launchers_give_the_same_numbers(tmp_path):
     sweep = ["-m", "data=synthetic", "device=cpu", "train.steps=30", "seed=0,1"]
     unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", threads.ENV)
     results = {}
-    for name, launcher in (("basic", []), ("local", ["hydra/launcher=local"])):
+    # two workers whatever the core count: the jobs (and the sweep's callbacks) go to other processes
+    local = ["hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+    for name, launcher in (("basic", []), ("local", local)):
         r = sgrun(*sweep, *launcher, f"hydra.sweep.dir={name}", cwd=tmp_path, unset=unset)
         assert r.returncode == 0, r.stderr
         folders = sorted((tmp_path / name).glob("*/summary.json"))

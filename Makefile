@@ -36,7 +36,7 @@ reproduce: ## run every paper preset (PROFILE=paper|cpu|smoke, E=<preset> for on
 		$(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(RUNS),--runs $(RUNS)) || status=$$?; \
 	$(MAKE) --no-print-directory report PROFILE=$(PROFILE) $(if $(RUNS),RUNS=$(RUNS)) && exit $$status
 
-report: ## write experiments/RESULTS.md and the figures from the runs on disk (runs/<PROFILE>/)
+report: ## archive the finished runs of runs/<PROFILE>/ in experiments/evidence/, then write experiments/RESULTS.md and the figures from both
 	$(PYTHON) experiments/report.py --profile $(PROFILE) $(if $(RUNS),--runs $(RUNS))
 
 clean: ## remove caches and build files (never runs/ or data/)

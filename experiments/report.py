@@ -1,22 +1,33 @@
 """``make report``: experiments/RESULTS.md and its figures, from the runs on disk.
 
     python experiments/report.py --profile cpu            # reads runs/cpu/<preset>/<job>/
-    python experiments/report.py --profile smoke --runs /tmp/runs --out /tmp/report
+    python experiments/report.py --profile smoke --runs /tmp/runs --out /tmp/report --evidence none
 
 Every number comes from the runs (``summary.json`` and the TensorBoard events, read with
-TensorBoard's ``EventAccumulator``) or from ``reference.yaml`` (the paper's numbers, the table
+TensorBoard's ``EventAccumulator``), from the evidence archive of earlier runs
+(``experiments/evidence/<profile>/``: the finished runs on disk are archived there first, see
+``rundirs``) or from ``reference.yaml`` (the paper's numbers, the table
 layout, the claims); nothing about the results is written here. A cell without a run says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import figures
 import yaml
-from rundirs import MISSING, Run, dataset_missing, first_line, load_runs
+from rundirs import (
+    MISSING,
+    Run,
+    archive_record,
+    archived_tags,
+    dataset_missing,
+    first_line,
+    load_runs,
+)
 from tables import (
     HELD,
     NO_DATA,
@@ -36,6 +47,7 @@ from sgrun.metrics import write_bytes_atomic
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the repository: runs/, conf/
 REFERENCE = HERE / "reference.yaml"
+EVIDENCE = HERE / "evidence"  # the archive: <profile>/<preset>/<job>.json
 CONFIDENCE = {
     "paper": "quoted or confirmed by several sources",
     "recalled": "recalled, not confirmed by a stored copy of the paper",
@@ -66,20 +78,46 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def archive_runs(runs_dir: str | Path, evidence_dir: str | Path, reference: dict) -> int:
+    """Archive every finished run of ``runs_dir`` (``<runs>/<profile>``) in ``evidence_dir``
+    (``<evidence>/<profile>``), one ``<preset>/<job>.json`` each; return how many files changed."""
+    tags = archived_tags(reference)
+    changed = 0
+    for run in load_runs(runs_dir):
+        if run.status != "finished":
+            continue
+        path = Path(evidence_dir) / run.path.parent.name / f"{run.path.name}.json"
+        payload = (json.dumps(archive_record(run, tags), indent=1, sort_keys=True) + "\n").encode()
+        try:
+            if path.read_bytes() == payload:
+                continue
+        except OSError:
+            pass
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SgrunError(f"cannot create the archive folder {path.parent} ({e.strerror}): "
+                             "free space or pass --evidence none") from None
+        write_bytes_atomic(path, payload)
+        changed += 1
+    return changed
+
+
 def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: str | Path = HERE,
-                 reference: dict | None = None) -> Path:
-    """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile``; return
-    its path."""
+                 reference: dict | None = None, evidence_root: str | Path | None = None) -> Path:
+    """Write ``out_dir/RESULTS.md`` and the figures for the runs of ``runs_root/profile`` (and,
+    with ``evidence_root``, the archived runs of ``evidence_root/profile``); return its path."""
     reference = reference or load_reference()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(runs_root) / profile
-    runs = load_runs(runs_dir)
+    evidence_dir = Path(evidence_root) / profile if evidence_root is not None else None
+    runs = load_runs(runs_dir, evidence_dir)
     tables = build_tables(reference, runs)
     drawn = {}
     for spec in reference.get("figures", []):
         drawn[spec["file"]] = figures.draw(spec, tables[spec["table"]], out_dir)
-    text = render(reference, tables, runs, profile, runs_dir, drawn)
+    text = render(reference, tables, runs, profile, runs_dir, drawn, evidence_dir)
     path = out_dir / "RESULTS.md"
     write_bytes_atomic(path, text.encode())  # whole or not at all
     return path
@@ -90,14 +128,14 @@ def write_report(profile: str, runs_root: str | Path = ROOT / "runs", out_dir: s
 
 
 def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: str, runs_dir: Path,
-           drawn: dict[str, figures.Outcome]) -> str:
+           drawn: dict[str, figures.Outcome], evidence_dir: Path | None = None) -> str:
     pattern = reference["dataset_missing"]
     rule = Rule.of(reference)
     claims = [(c, evaluate(c, tables, rule=rule), evaluate(c, tables, on_paper=True))
               for c in reference.get("claims", [])]
     ablations = [(c, evaluate(c, tables, rule=rule)) for c in reference.get("ablations", [])]
     out = ["# Results: sgrun next to the paper", ""]
-    out += opening(runs, profile, runs_dir)
+    out += opening(runs, profile, runs_dir, evidence_dir)
     out += ["", "## Summary", ""]
     out += summary_section(claims, rule, runs, profile, ablations)
     out += ["", "## The runs", ""]
@@ -126,10 +164,17 @@ def render(reference: dict, tables: dict[str, Table], runs: list[Run], profile: 
     return "\n".join(out) + "\n"
 
 
-def opening(runs: list[Run], profile: str, runs_dir: Path) -> list[str]:
+def opening(runs: list[Run], profile: str, runs_dir: Path,
+            evidence_dir: Path | None = None) -> list[str]:
     budgets = sorted({_budget(r) for r in runs if _budget(r)})
+    source = f"the runs in `{shown(runs_dir)}/`"
+    if evidence_dir is not None:
+        archived = sum(r.archived and r.status == "finished" for r in runs)
+        source += (f" and the archive of finished runs in `{shown(evidence_dir)}/` ({archived} of "
+                   "the finished runs below are read from the archive: their folders are not on "
+                   "this machine)")
     return [
-        f"Written by `make report PROFILE={profile}` from the runs in `{shown(runs_dir)}/` "
+        f"Written by `make report PROFILE={profile}` from {source} "
         f"(`make reproduce PROFILE={profile}` runs them). Do not edit: run it again.",
         "",
         f"- **Profile**: `{profile}`" + (f" ({'; '.join(budgets)})" if budgets else ""),
@@ -204,8 +249,8 @@ def _minutes(run: Run) -> float:
 def _budget(run: Run) -> str:
     """The preset's budget as the run used it: ``<preset> <steps> steps, lr <lr>``."""
     steps, lr = run.get("config.train.steps"), run.get("config.optim.lr")
-    if steps is None or lr is None:
-        return ""
+    if not isinstance(steps, int) or not isinstance(lr, (int, float)):
+        return ""  # no config (a run folder whose .hydra/ is gone): no budget to state
     return f"{run.get('config.name') or 'run'} {steps} steps, lr {lr:g}"
 
 
@@ -385,9 +430,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="where RESULTS.md and the figures go (default: experiments/)")
     parser.add_argument("--reference", default=str(REFERENCE),
                         help="the paper's numbers and the table layout")
+    parser.add_argument("--evidence", default=str(EVIDENCE),
+                        help="the archive of finished runs, <evidence>/<profile>/<preset>/<job>.json: "
+                             "the finished runs on disk are archived there, then the report reads "
+                             "both (default: experiments/evidence; none: the runs on disk only)")
     args = parser.parse_args(argv)
+    evidence = None if args.evidence == "none" else Path(args.evidence)
     try:
-        path = write_report(args.profile, args.runs, args.out, load_reference(args.reference))
+        reference = load_reference(args.reference)
+        if evidence is not None:
+            changed = archive_runs(Path(args.runs) / args.profile, evidence / args.profile,
+                                   reference)
+            if changed:
+                print(f"report: archived {changed} finished run(s) in "
+                      f"{shown(evidence / args.profile)}/")
+        path = write_report(args.profile, args.runs, args.out, reference, evidence)
     except SgrunError as e:  # a full disk or a folder in the way: one line, the old report kept
         print(f"report: error: {e}; the previous report is left as it was", file=sys.stderr)
         return 1

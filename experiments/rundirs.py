@@ -9,10 +9,19 @@ it:
 * ``.hydra/``: Hydra's record of the job (the config and the chosen config files), written first,
   so a failed or unfinished run still says which table cell it belongs to;
 * ``tb/``: the TensorBoard event files, read here with TensorBoard's own ``EventAccumulator``.
+
+Run folders hold checkpoints, models and event files: too large to keep in the repository, and lost
+with the machine they ran on. The evidence archive keeps what the report reads of each finished
+run, one JSON file per run, ``experiments/evidence/<profile>/<preset>/<job>.json``: the run's record
+(choices, resolved config, metrics) and the TensorBoard curves the report draws or tests, exactly as
+read from the events. ``make report`` archives the finished runs on disk, then reports on the runs
+on disk and the archive together; a run on disk wins over its archived copy (see
+:func:`load_runs`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -26,6 +35,7 @@ import yaml
 from sgrun import sweep
 
 SUMMARY = "summary.json"
+ARCHIVE_FORMAT = 1  # the layout of an archived run's JSON file
 FAILED = "FAILED"  # the name sgrun.cli writes
 MISSING = object()  # a path that a run does not have (distinct from a value of None)
 
@@ -37,6 +47,12 @@ class Run:
     # {"preset": ..., "choice": {...}, "choices": {...}, "config": {...}, "metrics": {...}}
     record: dict[str, Any] = field(repr=False)
     message: str = ""  # the FAILED text
+    # the curves of an archived run (read from its JSON file, not from tb/); None for a run folder
+    curves: dict[str, list[tuple[int, float]]] | None = field(default=None, repr=False)
+
+    @property
+    def archived(self) -> bool:
+        return self.curves is not None
 
     def get(self, path: str) -> Any:
         """The value at ``path`` ("config.model.layers"), trying each of "a|b" in turn; MISSING if
@@ -67,7 +83,10 @@ class Run:
 
     @cached_property
     def scalars(self) -> dict[str, list[tuple[int, float]]]:
-        """Every scalar tag of the run's TensorBoard events: ``{tag: [(step, value), ...]}``."""
+        """Every scalar tag of the run's TensorBoard events: ``{tag: [(step, value), ...]}`` (of an
+        archived run: the tags the archive kept)."""
+        if self.curves is not None:
+            return self.curves
         return read_scalars(self.path / "tb")
 
     @property
@@ -116,13 +135,75 @@ def load_run(job: Path) -> Run | None:
     return Run(path=job, status=status, record=record, message=message)
 
 
-def load_runs(root: str | Path) -> list[Run]:
-    """Every run under ``root`` (``<runs>/<profile>``): its ``<preset>/<job>`` folders."""
+def load_runs(root: str | Path, archive: str | Path | None = None) -> list[Run]:
+    """Every run under ``root`` (``<runs>/<profile>``): its ``<preset>/<job>`` folders; with
+    ``archive`` (``experiments/evidence/<profile>``), also every archived run.
+
+    A job that is finished on disk is read from its folder; an archived job whose folder is missing,
+    unfinished or failed is read from the archive (its finished result stands until a new run of
+    that job finishes).
+    """
     root = Path(root)
-    if not root.is_dir():
-        return []
-    runs = (load_run(job) for job in sorted(root.glob("*/*")) if job.is_dir())
-    return [run for run in runs if run is not None]
+    runs = (load_run(job) for job in sorted(root.glob("*/*")) if job.is_dir()) \
+        if root.is_dir() else []
+    on_disk = {(run.path.parent.name, run.path.name): run for run in runs if run is not None}
+    if archive is not None and Path(archive).is_dir():
+        for path in sorted(Path(archive).glob("*/*.json")):
+            key = (path.parent.name, path.stem)
+            if key in on_disk and on_disk[key].status == "finished":
+                continue
+            on_disk[key] = load_archived(path)
+    return [on_disk[key] for key in sorted(on_disk)]
+
+
+def archived_tags(reference: dict) -> list[str]:
+    """The scalar tags the report reads (``tag`` anywhere in ``reference.yaml``: figures, their
+    fallbacks, curve claims); "a|b" alternatives and "error/*" patterns as written."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "tag" and isinstance(value, str):
+                    found.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(reference)
+    return sorted(set(found))
+
+
+def archive_record(run: Run, tags: list[str]) -> dict[str, Any]:
+    """What the archive keeps of finished ``run``: its record and the curves of ``tags``."""
+    patterns = [alt.strip() for tag in tags for alt in tag.split("|")]
+    curves = {tag: [[step, value] for step, value in points]
+              for tag, points in sorted(run.scalars.items())
+              if any(fnmatch.fnmatchcase(tag, pattern) for pattern in patterns)}
+    return {"format": ARCHIVE_FORMAT, "status": run.status, "record": run.record,
+            "curves": curves}
+
+
+def load_archived(path: Path) -> Run:
+    """The finished run archived in ``path``; an unfinished run saying why when the file is not
+    one (so that the report names it instead of dropping it)."""
+    data = _read_json(path)
+    record = data.get("record")
+    try:
+        if (data.get("format") != ARCHIVE_FORMAT or data.get("status") != "finished"
+                or not isinstance(record, dict) or not isinstance(record.get("metrics"), dict)):
+            raise ValueError
+        curves = {str(tag): [(int(step), float(value)) for step, value in points]
+                  for tag, points in data["curves"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        empty = {"preset": path.parent.name, "choice": {}, "choices": {}, "config": {},
+                 "metrics": {}}
+        return Run(path=path, status="unfinished", record=empty, curves={},
+                   message=f"archived run {path.name} is unreadable or not of format "
+                           f"{ARCHIVE_FORMAT}: not counted")
+    return Run(path=path, status="finished", record=record, curves=curves)
 
 
 def dataset_missing(run: Run, pattern: str) -> bool:

@@ -652,7 +652,8 @@ def test_a_full_disk_leaves_the_previous_report_whole(runs, tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(metrics.os, "fsync", no_space)
-    code = report.main(["--profile", "smoke", "--runs", str(runs), "--out", str(out)])
+    code = report.main(["--profile", "smoke", "--runs", str(runs), "--out", str(out),
+                        "--evidence", str(tmp_path / "evidence")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0]
     assert (out / "RESULTS.md").read_bytes() == before

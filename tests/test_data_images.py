@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import struct
 import subprocess
@@ -518,3 +519,31 @@ def test_cifar10_batch_that_is_a_folder(tmp_path):
     (tmp_path / "cifar10" / "cifar-10-batches-py" / "data_batch_1").mkdir(parents=True)
     with pytest.raises(DataError, match=r"data_batch_1 is a folder"):
         load_images("cifar10", tmp_path, download=False)
+
+
+def test_a_full_disk_during_a_download_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    """The data folder fills while a file downloads (every write to /dev/full fails with ENOSPC):
+    one line naming the file and the fix (space, or another data_dir), not "no source could
+    deliver", and nothing partial left behind."""
+    arrays = mnist_arrays()
+    raw = {name: idx_bytes(a) for name, a in arrays.items()}
+    served = {mnist.URLS[1] + f"{n}.gz": gzip.compress(b) for n, b in raw.items()}
+
+    def mirror(url, timeout):
+        if url not in served:
+            raise urllib.error.URLError("timed out")
+        return io.BytesIO(served[url])
+
+    monkeypatch.setattr(fetch, "_open_url", mirror)
+
+    def full_disk(dir, prefix, suffix):
+        path = Path(dir) / f"{prefix}full{suffix}"
+        path.touch()
+        return os.open("/dev/full", os.O_WRONLY), str(path)
+
+    monkeypatch.setattr(fetch.tempfile, "mkstemp", full_disk)
+    message = raises_one_line(DataError, mnist.load_mnist, tmp_path,
+                              checksums={name: md5(b) for name, b in raw.items()})
+    assert "No space left on device" in message and "free space in" in message
+    assert "data_dir=" in message and ".gz" in message
+    assert list((tmp_path / "mnist").iterdir()) == []

@@ -161,11 +161,22 @@ def partial_file(dest: Path) -> Iterator[tuple[BinaryIO, Path]]:
                         "free space there or set data_dir=<a writable folder> "
                         "(or SGRUN_DATA_DIR)") from None
     tmp_path = Path(tmp)
+    f = os.fdopen(fd, "wb")
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f, tmp_path
+        yield f, tmp_path
     finally:
+        try:
+            f.close()  # closed already by the caller unless it failed; then this error is moot
+        except OSError:
+            pass
         tmp_path.unlink(missing_ok=True)
+
+
+def write_failed(dest: Path, error: OSError) -> DataError:
+    """A dataset file that could not be written (a full disk): the error names it and the fix."""
+    return DataError(f"cannot write {dest} ({error.strerror or one_line(error)}): free space in "
+                     f"{dest.parent} or set data_dir=<a folder with space> (or SGRUN_DATA_DIR), "
+                     "then run again (nothing partial is left there)")
 
 
 def install(tmp: Path, dest: Path, md5: str | None, gunzip: bool = False) -> Path:
@@ -187,8 +198,17 @@ def install(tmp: Path, dest: Path, md5: str | None, gunzip: bool = False) -> Pat
 def copy_verified(src: BinaryIO, dest: Path, md5: str | None, gunzip: bool = False) -> Path:
     """Stream ``src`` into ``dest`` through a temporary file, verified before renaming."""
     with partial_file(dest) as (f, tmp):
-        shutil.copyfileobj(src, f, CHUNK)
-        f.close()
+        # not shutil.copyfileobj: a failed read is the source's (the next one is tried), a failed
+        # write is this disk's (no other source can help)
+        while chunk := src.read(CHUNK):
+            try:
+                f.write(chunk)
+            except OSError as e:
+                raise write_failed(dest, e) from None
+        try:
+            f.close()
+        except OSError as e:
+            raise write_failed(dest, e) from None
         return install(tmp, dest, md5, gunzip)
 
 

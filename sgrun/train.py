@@ -1,10 +1,12 @@
-"""``run(cfg, out_dir) -> metrics`` and the one training loop, :func:`fit`, that every task goes through.
+"""``run(cfg, out_dir) -> metrics`` and the one training loop, :func:`fit`, that every task goes
+through.
 
 ``run`` checks the config, refuses to write over a finished run, resumes an interrupted one, builds
 the task of the model family (:mod:`sgrun.tasks`) and writes ``summary.json`` (final metrics +
 resolved config) and ``model.pt`` next to the TensorBoard events.  ``fit`` owns what is the same for
 every task: the optimizers and their schedule, stochastic layer updates, the progress bar, the
-log / eval / checkpoint cadence, the divergence guard and the final metrics.  One step, top to bottom:
+log / eval / checkpoint cadence, the divergence guard and the final metrics.  One step, top to
+bottom:
 
     batch = task.next_batch()
     opt.zero_grad(); values = task.train_step(batch)    # forward + one backward
@@ -62,26 +64,29 @@ class Session:
         return self.minutes_before + (time.time() - self.started) / 60
 
     def step_done(self, step: int, total: int, loop_state) -> None:
-        """Call after every step: saves a checkpoint on schedule or on SIGINT/SIGTERM (then stops)."""
+        """Call after every step: saves a checkpoint on schedule or on SIGINT/SIGTERM (then
+        stops)."""
         self.ckpt.step_done(step, total, lambda: {
-            "config": self.config, "rng": rng_state(), "minutes": self.minutes(), "loop": loop_state()})
+            "config": self.config, "rng": rng_state(), "minutes": self.minutes(),
+            "loop": loop_state()})
 
 
 def task_class(cfg: DictConfig) -> type[Task]:
     """The task of the model family; refuses a runtime or a feature the task cannot honour."""
     family = cfg.model.family
     if family not in TASKS:
-        raise ConfigError(f"model.family must be one of {', '.join(TASKS)} (got {family!r}): choose "
-                          "model=fcn|cnn|rnn|hrnn")
+        raise ConfigError(f"model.family must be one of {', '.join(TASKS)} (got {family!r}): "
+                          "choose model=fcn|cnn|rnn|hrnn")
     runtime = cfg.runtime.name
     if runtime not in ("inprocess", "pipeline"):
-        raise ConfigError(f"runtime must be inprocess or pipeline (got {runtime!r}): choose runtime=inprocess|pipeline")
+        raise ConfigError(f"runtime must be inprocess or pipeline (got {runtime!r}): "
+                          "choose runtime=inprocess|pipeline")
     check_family_data(cfg)
     cls = TASKS[family]
     if float(cfg.train.update_prob) < 1.0 and not cls.stochastic_updates:
-        raise ConfigError(f"train.update_prob={cfg.train.update_prob} needs layers updated in groups (sec. 3.3), "
-                          f"which model={cfg.model.name} does not have: set train.update_prob=1.0, or use "
-                          "model=fcn|cnn")
+        raise ConfigError(f"train.update_prob={cfg.train.update_prob} needs layers updated in "
+                          f"groups (sec. 3.3), which model={cfg.model.name} does not have: set "
+                          "train.update_prob=1.0, or use model=fcn|cnn")
     return cls
 
 
@@ -103,26 +108,31 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         raise SgrunError(f"resume={out_dir}: no such folder: give the folder of an interrupted run")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
-        return _run(cfg, out_dir, config, task_cls, writer)  # under torchrun, rank 0 holds the folder
+        # under torchrun, rank 0 holds the folder
+        return _run(cfg, out_dir, config, task_cls, writer)
     with folder_lock(out_dir):
         return _run(cfg, out_dir, config, task_cls, writer)
 
 
-def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], writer: NullWriter | None) -> dict:
+def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task],
+         writer: NullWriter | None) -> dict:
     finished = finished_run(config, out_dir)  # another process may have finished it while we waited
     if finished is not None:
         return finished
     ckpt = Checkpointer(out_dir, every=cfg.checkpoint.every, enabled=cfg.checkpoint.every > 0)
     saved = ckpt.load() if out_dir.exists() else None
     if cfg.get("resume") and saved is None:
-        raise SgrunError(f"resume={out_dir}: no checkpoint there: give the folder of an interrupted run")
+        raise SgrunError(f"resume={out_dir}: no checkpoint there: give the folder of an "
+                         "interrupted run")
     if saved is not None and saved["config"] != config:
         changed = ", ".join(config_changes(saved["config"], config)[:3])
         if cfg.get("resume"):
-            raise SgrunError(f"resume={out_dir}: this command changes the interrupted run's config ({changed}): "
-                             "resume with the run's own settings, or drop resume= to start a new run")
-        raise SgrunError(f"{out_dir} holds the checkpoint of a run with another config ({changed}): choose "
-                         "another folder with hydra.run.dir=<dir> (the interrupted run stays there)")
+            raise SgrunError(f"resume={out_dir}: this command changes the interrupted run's "
+                             f"config ({changed}): resume with the run's own settings, or drop "
+                             "resume= to start a new run")
+        raise SgrunError(f"{out_dir} holds the checkpoint of a run with another config "
+                         f"({changed}): choose another folder with hydra.run.dir=<dir> (the "
+                         "interrupted run stays there)")
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
     torch.set_flush_denormal(True)
@@ -138,8 +148,8 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
         return _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device)
     except OutputWriteError as e:
         if ckpt.last_step is not None:
-            then = (f"the last good checkpoint (step {ckpt.last_step}) is kept: free some space, then continue "
-                    f"the run with resume={out_dir}")
+            then = (f"the last good checkpoint (step {ckpt.last_step}) is kept: free some space, "
+                    f"then continue the run with resume={out_dir}")
         else:
             then = "no checkpoint had been written yet: free some space and run the command again"
         raise OutputWriteError(f"{e}; {then} (the run is not marked finished)") from None
@@ -147,7 +157,8 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task], wri
 
 def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device) -> dict:
     # on resume, events logged after the checkpoint are dropped so that curves do not double back
-    session.writer = writer or Writer(out_dir / "tb", purge_step=saved["loop"]["step"] + 1 if saved else 0)
+    session.writer = writer or Writer(out_dir / "tb",
+                                      purge_step=saved["loop"]["step"] + 1 if saved else 0)
     try:
         with ckpt, torch_threads(cfg.runtime) as threads:
             if cfg.runtime.name == "pipeline":
@@ -161,14 +172,18 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
             else:
                 task = task_cls(cfg, device)
                 metrics, model = fit(task, cfg, session)
-        if model is None:  # a pipeline stage other than rank 0 under torchrun: rank 0 writes the results
+        if model is None:
+            # a pipeline stage other than rank 0 under torchrun: rank 0 writes the results
             return metrics
         metrics["minutes"] = session.minutes()
-        session.writer.hparams(hparams_of(cfg), {k: v for k, v in metrics.items() if k != "history"})
+        session.writer.hparams(hparams_of(cfg),
+                               {k: v for k, v in metrics.items() if k != "history"})
     finally:
         session.writer.close()
-    # The files the summary vouches for come first; the summary, written last, marks the run finished.
-    model_file = write_bytes_atomic(out_dir / MODEL, _saved(model.state_dict()))  # without optimizer state
+    # The files the summary vouches for come first; the summary, written last, marks the run
+    # finished.
+    model_file = write_bytes_atomic(out_dir / MODEL,
+                                    _saved(model.state_dict()))  # without optimizer state
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
@@ -233,10 +248,12 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
 
     def loop_state() -> dict:
         nonlocal last_ckpt
-        check_finite({k: float(v) for k, v in sums.items()}, step, lr, last_ckpt)  # never checkpoint a diverged run
+        # never checkpoint a diverged run
+        check_finite({k: float(v) for k, v in sums.items()}, step, lr, last_ckpt)
         last_ckpt = step
-        return {"step": step, "task": task.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "update_gen": update_gen.get_state(), "sums": {k: v.clone() for k, v in sums.items()},
+        return {"step": step, "task": task.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "update_gen": update_gen.get_state(),
+                "sums": {k: v.clone() for k, v in sums.items()},
                 "seconds": list(seconds), "skipped": skipped, "tick_step": tick_step}
 
     seconds_before = seconds[-1] if seconds else 0.0  # training seconds before a resume
@@ -245,7 +262,8 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
     model.train()
     step = first - 1
     with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-        bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None,
+                   dynamic_ncols=True)
         for step in range(first, steps + 1):
             task.step = step
             logging_step = step % log_every == 0 or step == steps
@@ -269,7 +287,8 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
                 check_finite(totals, step, lr, last_ckpt)
                 now = time.time()
                 logged = task.log_values(totals, count)
-                logged[f"perf/{task.unit}_per_sec"] = count * task.units_per_step() / max(now - tick, 1e-9)
+                logged[f"perf/{task.unit}_per_sec"] = (count * task.units_per_step()
+                                                       / max(now - tick, 1e-9))
                 logged["perf/steps_per_sec"] = count / max(now - tick, 1e-9)
                 logged["optim/lr"] = opt.param_groups[0]["lr"]
                 if update_prob < 1.0:
@@ -280,7 +299,8 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
                 sums.clear()
                 tick, tick_step = time.time(), step
                 first_tag = next(iter(values), None)
-                shown = {first_tag.split("/")[-1]: f"{logged[first_tag]:.3f}"} if first_tag in logged else {}
+                shown = ({first_tag.split("/")[-1]: f"{logged[first_tag]:.3f}"}
+                         if first_tag in logged else {})
                 bar.set_postfix(**shown, **task.progress())
             if task.evaluates and (step % eval_every == 0 or step == steps):
                 t_eval = time.time()
@@ -307,7 +327,8 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         metrics[f"{task.unit}_per_sec"] = done / max(seconds[-1] - seconds_before, 1e-9)
     if update_prob < 1.0:
         metrics["skipped_groups"] = skipped
-        log.info("stochastic updates: %d of %d layer-group updates skipped", skipped, step * len(groups))
+        log.info("stochastic updates: %d of %d layer-group updates skipped", skipped,
+                 step * len(groups))
     return metrics, model
 
 
@@ -360,7 +381,8 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def finished_run(config: dict, out_dir: Path) -> dict | None:
-    """The metrics of ``out_dir``'s finished run if it is this very config; another run is never overwritten."""
+    """The metrics of ``out_dir``'s finished run if it is this very config; another run is never
+    overwritten."""
     path = out_dir / SUMMARY
     if not path.is_file():
         return None
@@ -377,17 +399,19 @@ def finished_run(config: dict, out_dir: Path) -> dict | None:
     except (KeyError, TypeError, AttributeError):
         same, files = False, {}  # a summary.json that is not this run's: never written over
     if same and not all(verify_file(out_dir / name, record) for name, record in files.items()):
-        log.warning("%s lists files that are missing or fail their checksum: the run is redone", path)
+        log.warning("%s lists files that are missing or fail their checksum: the run is redone",
+                    path)
         return None
     if not same:
-        raise SgrunError(f"{out_dir} already holds a different finished run: choose another folder with "
-                         "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m), or delete that one")
+        raise SgrunError(f"{out_dir} already holds a different finished run: choose another "
+                         "folder with hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m), or "
+                         "delete that one")
     return summary["metrics"]
 
 
 def choices_of(cfg: DictConfig) -> dict:
-    choices = {"experiment": cfg.get("name"), "model": cfg.model.name, "dni": cfg.dni.name, "data": cfg.data.name,
-               "profile": cfg.profile.name, "seed": cfg.seed}
+    choices = {"experiment": cfg.get("name"), "model": cfg.model.name, "dni": cfg.dni.name,
+               "data": cfg.data.name, "profile": cfg.profile.name, "seed": cfg.seed}
     if cfg.model.get("coupling"):
         choices["coupling"] = cfg.model.coupling  # the two-timescale runs differ only in this
     return choices

@@ -1,9 +1,9 @@
 """``runtime=pipeline``: every stage of a feed-forward net in its own process, joined by DNI.
 
 Jaderberg et al. 2017, sec. 1: a module joined to the next by a synthetic gradient need not wait
-for it.  Here the network is split at ``runtime.boundaries`` (cuts such as ``h2``) into ``S`` stages;
-stage ``s`` runs in process (rank) ``s`` and talks to its neighbours with ``torch.distributed``
-point-to-point messages (gloo on CPU, nccl on GPU).
+for it.  Here the network is split at ``runtime.boundaries`` (cuts such as ``h2``) into ``S``
+stages; stage ``s`` runs in process (rank) ``s`` and talks to its neighbours with
+``torch.distributed`` point-to-point messages (gloo on CPU, nccl on GPU).
 
 One step of stage ``s`` (:class:`Stage`), DNI pipeline:
 
@@ -23,12 +23,12 @@ One step of stage ``s`` (:class:`Stage`), DNI pipeline:
    arrives (staleness) is logged.
 
 With synthetic inputs (``dni=complete_unlock|complete_unlock_cdni``, sec. 3.3) the stages are
-unlocked forwards too: every stage draws the same batches from its own copy of the data (same seed),
-and stage ``s+1`` runs on ``h_hat = I(x)`` of the cut below without waiting for stage ``s``.  The real
-activation that stage ``s`` sends is only ``I``'s regression target, taken whenever it arrives (on
-a snapshot of ``I``'s weights, like the synthesizer's), at most ``max_inflight`` batches late; the
-gradient w.r.t. ``h_hat`` goes back to stage ``s`` as its synthesizer's target, as in
-:mod:`sgrun.dni.synthetic_input`.
+unlocked forwards too: every stage draws the same batches from its own copy of the data (same
+seed), and stage ``s+1`` runs on ``h_hat = I(x)`` of the cut below without waiting for stage
+``s``.  The real activation that stage ``s`` sends is only ``I``'s regression target, taken
+whenever it arrives (on a snapshot of ``I``'s weights, like the synthesizer's), at most
+``max_inflight`` batches late; the gradient w.r.t. ``h_hat`` goes back to stage ``s`` as its
+synthesizer's target, as in :mod:`sgrun.dni.synthetic_input`.
 
 Stochastic updates (``train.update_prob`` < 1, sec. 3.3): every stage draws every layer group's
 coin from the in-process run's generator and drops the gradients of its own skipped groups; a
@@ -48,8 +48,9 @@ run equals the in-process Bprop run bit for bit; with more it equals in-process 
 accumulation over the same micro-batches (BatchNorm then sees each micro-batch on its own).
 :mod:`sgrun.pipeline.cost` predicts the samples/s of every schedule from measured stage times.
 
-With ``max_inflight=1`` nothing overlaps and a DNI run (with or without synthetic inputs) equals the
-in-process run bit for bit (same threads per process); with ``S=1`` the pipeline is the in-process run.
+With ``max_inflight=1`` nothing overlaps and a DNI run (with or without synthetic inputs) equals
+the in-process run bit for bit (same threads per process); with ``S=1`` the pipeline is the
+in-process run.
 
 Test error is measured by stage 0 on the assembled model at every evaluation point: every stage
 first waits for its outstanding targets, then the stages' weights are gathered on rank 0.
@@ -57,9 +58,10 @@ TensorBoard tags (rank 0): ``error/test``, ``loss/train``, ``perf/samples_per_se
 ``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``; with
 synthetic inputs also ``pipeline/<cut>/input_staleness_mean|max`` and ``dni/<cut>/input_loss``.
 
-Launch: ``sgrun runtime=pipeline`` starts the ``S`` processes itself on this machine; across machines
-start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes``, ``--node-rank``,
-``--master-addr``), which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+Launch: ``sgrun runtime=pipeline`` starts the ``S`` processes itself on this machine; across
+machines start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes``,
+``--node-rank``, ``--master-addr``), which sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``.
 """
 
 from sgrun.pipeline.launch import pipeline_threads, train_pipeline

@@ -28,12 +28,14 @@ def free_port(port: int) -> int:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            raise ConfigError(f"runtime.port={port} is in use: set runtime.port=0 (any free port) or another port") from None
+            raise ConfigError(f"runtime.port={port} is in use: set runtime.port=0 (any free port) "
+                              "or another port") from None
         return s.getsockname()[1]
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    return ("TORCHELASTIC_RUN_ID" in os.environ
+            or ("RANK" in os.environ and "WORLD_SIZE" in os.environ))
 
 
 def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
@@ -41,8 +43,8 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     rank 0's metrics and the assembled model."""
     check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
     if cfg.dni.mode == "off" and cfg.dni.cuts:
-        raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked pipeline, or "
-                          "dni.mode=synthetic")
+        raise ConfigError("runtime=pipeline with dni.mode=off: use dni=none for the locked "
+                          "pipeline, or dni.mode=synthetic")
     max_inflight(cfg.runtime)  # an integer >= 1, or auto
     out_dir = Path(session.ckpt.dir)
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -83,12 +85,14 @@ def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> di
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     log.info("pipeline: %d stages, %d thread(s) each, port %d", world, threads, port)
-    procs = mp.start_processes(spawned, args=(world, container, str(out_dir), port, threads, errors),
+    procs = mp.start_processes(spawned,
+                               args=(world, container, str(out_dir), port, threads, errors),
                                nprocs=world, join=False, start_method="spawn")
     try:
         while not procs.join(timeout=0.5):
             if session.ckpt.stop_signal is not None:
-                raise Interrupted("interrupted: all pipeline stages stopped (pipeline runs keep no checkpoint)")
+                raise Interrupted("interrupted: all pipeline stages stopped (pipeline runs keep no "
+                                  "checkpoint)")
     except mp.ProcessExitedException as e:
         raise SgrunError(stage_failure(e, errors)) from None
     except mp.ProcessRaisedException as e:  # not expected: stages report through `errors`

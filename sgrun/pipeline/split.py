@@ -15,7 +15,8 @@ from sgrun.errors import ConfigError
 
 @dataclass(frozen=True)
 class Split:
-    """Stage ``s`` holds blocks ``ranges[s][0] .. ranges[s][1] - 1``; ``boundaries[s]`` is its top cut."""
+    """Stage ``s`` holds blocks ``ranges[s][0] .. ranges[s][1] - 1``;
+    ``boundaries[s]`` is its top cut."""
 
     boundaries: tuple[str, ...]
     ranges: tuple[tuple[int, int], ...]
@@ -34,8 +35,8 @@ def plan_split(model: nn.Module, runtime: DictConfig) -> Split:
         raise ConfigError(f"runtime.stages must be >= 1 (got {stages}): set runtime.stages=2")
     if stages > len(cuts) + 1:
         raise ConfigError(f"runtime.stages={stages} but this model has only {len(cuts)} cuts "
-                          f"({', '.join(cuts)}), so at most {len(cuts) + 1} stages: lower runtime.stages "
-                          "or use more model.layers")
+                          f"({', '.join(cuts)}), so at most {len(cuts) + 1} stages: lower "
+                          "runtime.stages or use more model.layers")
     placed = list(model.interfaces)
     # locked: no interfaces (backprop), or interfaces that only learn (dni.mode=train_only)
     locked = not placed or all(model.interfaces[c].mode == "train_only" for c in placed)
@@ -46,18 +47,20 @@ def plan_split(model: nn.Module, runtime: DictConfig) -> Split:
         boundaries = [str(b) for b in given]
         unknown = [b for b in boundaries if b not in cuts]
         if unknown:
-            raise ConfigError(f"runtime.boundaries: no cut named {', '.join(map(repr, unknown))}: valid cuts are "
-                              f"{', '.join(cuts)}, e.g. runtime.boundaries=[{cuts[len(cuts) // 2]}]")
+            raise ConfigError(f"runtime.boundaries: no cut named {', '.join(map(repr, unknown))}: "
+                              f"valid cuts are {', '.join(cuts)}, "
+                              f"e.g. runtime.boundaries=[{cuts[len(cuts) // 2]}]")
         if len(boundaries) != stages - 1 or len(set(boundaries)) != len(boundaries):
-            raise ConfigError(f"runtime.boundaries needs {stages - 1} different cuts for runtime.stages={stages} "
-                              f"(got {boundaries}): choose from {', '.join(cuts)} or set runtime.boundaries=auto")
+            raise ConfigError(f"runtime.boundaries needs {stages - 1} different cuts for "
+                              f"runtime.stages={stages} (got {boundaries}): choose from "
+                              f"{', '.join(cuts)} or set runtime.boundaries=auto")
         boundaries.sort(key=cuts.index)
     if not locked:
         missing = [b for b in boundaries if b not in placed]
         if missing:
-            raise ConfigError(f"stage boundary {', '.join(missing)} has no interface (interfaces at "
-                              f"{', '.join(placed)}): choose boundaries among them, or place interfaces there "
-                              "(dni.cuts=[all])")
+            raise ConfigError(f"stage boundary {', '.join(missing)} has no interface (interfaces "
+                              f"at {', '.join(placed)}): choose boundaries among them, or place "
+                              "interfaces there (dni.cuts=[all])")
     edges = [0] + [cuts.index(b) + 1 for b in boundaries] + [len(cuts)]
     return Split(tuple(boundaries), tuple(zip(edges[:-1], edges[1:])), locked)
 

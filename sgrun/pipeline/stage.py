@@ -47,7 +47,8 @@ _TAG_ACT, _TAG_GRAD = 1, 3
 
 
 def stage_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """A stage's own parameters and those of the interfaces inside it, as the in-process task groups them."""
+    """A stage's own parameters and those of the interfaces inside it, as the in-process task
+    groups them."""
     synth = {id(p) for i in interfaces_of(net) for p in i.parameters()}
     params = list(net.parameters())
     return [p for p in params if id(p) not in synth], [p for p in params if id(p) in synth]
@@ -62,16 +63,19 @@ class StageNet(nn.Module):
         self.names = model.cut_names[lo:hi]
         self.blocks = nn.ModuleList(model.blocks[lo:hi])
         inner = self.names if last else self.names[:-1]
-        self.interfaces = nn.ModuleDict({n: model.interfaces[n] for n in inner if n in model.interfaces})
+        self.interfaces = nn.ModuleDict({n: model.interfaces[n] for n in inner
+                                         if n in model.interfaces})
         self.head = model.head if last else None
         self.unlocked = bool(model.unlocked)
 
-    def forward(self, h: torch.Tensor, context: torch.Tensor | None, x: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None,
+                x: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: the data input, which interfaces with synthetic inputs predict from."""
         for name, block in zip(self.names, self.blocks):
             h = block(h)
             if name in self.interfaces:
-                h = self.interfaces[name](h, context, x) if self.unlocked else self.interfaces[name](h, context)
+                h = (self.interfaces[name](h, context, x) if self.unlocked
+                     else self.interfaces[name](h, context))
         return self.head(h) if self.head is not None else h
 
 
@@ -85,7 +89,8 @@ class Inbox:
     """Predictions of one synthesizer waiting for their targets from one neighbour (however late),
     and the receive posted for the next target."""
 
-    def __init__(self, shape: tuple[int, ...], src: int, tag: int, batch: int, device: torch.device) -> None:
+    def __init__(self, shape: tuple[int, ...], src: int, tag: int, batch: int,
+                 device: torch.device) -> None:
         self.shape, self.src, self.tag, self.batch, self.device = shape, src, tag, batch, device
         self.pending: deque = deque()  # (step, prediction graph, snapshot params, update coin)
         self.recv = None               # (work, buffer) of the next target
@@ -108,14 +113,15 @@ class Inbox:
 class Stage:
     """The training loop of one stage (see the module docstring)."""
 
-    def __init__(self, cfg: DictConfig, rank: int, split: Split, model: nn.Module, steps: int, lr: float,
-                 device: torch.device, sampler) -> None:
+    def __init__(self, cfg: DictConfig, rank: int, split: Split, model: nn.Module, steps: int,
+                 lr: float, device: torch.device, sampler) -> None:
         self.rank, self.split, self.device, self.steps = rank, split, device, steps
         self.first, self.last = rank == 0, rank == split.stages - 1
         lo, hi = split.ranges[rank]
         self.lo, self.hi = lo, hi
         self.net = StageNet(model, lo, hi, self.last)
-        self.in_shape = tuple(model.in_shape) if self.first else tuple(model.cut_shapes[model.cut_names[lo - 1]])
+        self.in_shape = (tuple(model.in_shape) if self.first
+                         else tuple(model.cut_shapes[model.cut_names[lo - 1]]))
         self.out_shape = None if self.last else tuple(model.cut_shapes[split.boundaries[rank]])
         self.boundary = None if self.last else model.interfaces[split.boundaries[rank]] \
             if split.boundaries[rank] in model.interfaces else None
@@ -123,7 +129,8 @@ class Stage:
         # complete unlock: this stage's input is I(x) of the cut below, predicted here from its own
         # copy of the data stream; the real activation from below only trains I, however late
         self.unlocked = bool(model.unlocked) and not split.locked
-        self.below = model.interfaces[split.boundaries[rank - 1]] if self.unlocked and not self.first else None
+        self.below = (model.interfaces[split.boundaries[rank - 1]]
+                      if self.unlocked and not self.first else None)
         self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
         self.num_classes = model.num_classes
         self.batch = sampler.batch_size
@@ -134,18 +141,23 @@ class Stage:
         self.update_prob = float(cfg.train.update_prob)
         self.update_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
         self.groups = len(model.blocks) + 1  # each block with the interface above it, then the head
-        # the stage's own parameters: Adam as in the in-process run (synthesizers in their own group)
+        # the stage's own parameters: Adam as in the in-process run (synthesizers in their own
+        # group)
         self.opt, self.sched = build_optimizer(cfg, *stage_parameters(self.net), steps)
-        # the boundary's M waits for gradients from above; I of the cut below for activations from below
+        # the boundary's M waits for gradients from above; I of the cut below for activations
+        # from below
         self.up = self.down = None
         if self.boundary is not None:
-            self.synth_opt, self.synth_sched = build_synthesizer_optimizer(cfg, self.boundary.synthesizer, steps)
+            self.synth_opt, self.synth_sched = build_synthesizer_optimizer(
+                cfg, self.boundary.synthesizer, steps)
             self.up = Inbox(self.out_shape, rank + 1, _TAG_GRAD, self.batch, device)
         if self.below is not None:
-            self.input_opt, self.input_sched = build_synthesizer_optimizer(cfg, self.below.input_model, steps)
+            self.input_opt, self.input_sched = build_synthesizer_optimizer(
+                cfg, self.below.input_model, steps)
             self.down = Inbox(self.in_shape, rank - 1, _TAG_ACT, self.batch, device)
-        self.sends: deque = deque()    # outstanding isend works (and the tensors they read)
-        self.act_recv = None           # (work, buffer) of the next input from below (no synthetic inputs)
+        self.sends: deque = deque()  # outstanding isend works (and the tensors they read)
+        # (work, buffer) of the next input from below (no synthetic inputs)
+        self.act_recv = None
         self.step = 0
         # statistics since the last report
         self.stale: list[int] = []
@@ -189,7 +201,8 @@ class Stage:
             work, x = self.act_recv or irecv(shape, self.rank - 1, _TAG_ACT, self.device)
             work.wait()
             # post the next receive at once, so the next activation arrives while this step computes
-            self.act_recv = irecv(shape, self.rank - 1, _TAG_ACT, self.device) if self.step < self.steps else None
+            self.act_recv = (irecv(shape, self.rank - 1, _TAG_ACT, self.device)
+                             if self.step < self.steps else None)
             x.requires_grad_(True)
         n = y.shape[0]
         ctx = label_context(y, self.num_classes, self.conditioned)
@@ -203,7 +216,8 @@ class Stage:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
             if self.locked:  # wait for the true gradient from above
                 if self.boundary is not None:  # train_only: the synthesizer learns from it too
-                    self.up.pending.append((self.step, *self.predict(self.boundary.synthesizer, (out, ctx)),
+                    self.up.pending.append((self.step,
+                                            *self.predict(self.boundary.synthesizer, (out, ctx)),
                                             upd[self.hi - 1]))
                 grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
                 out.backward(grad)
@@ -243,8 +257,8 @@ class Stage:
 
     @staticmethod
     def predict(synth: nn.Module, args: tuple) -> tuple[torch.Tensor, dict]:
-        """``synth(*args)``, its graph on a snapshot of the synthesizer's weights (which may have moved
-        on by the time the target arrives)."""
+        """``synth(*args)``, its graph on a snapshot of the synthesizer's weights (which may have
+        moved on by the time the target arrives)."""
         snapshot = {k: p.detach().clone().requires_grad_(True) for k, p in synth.named_parameters()}
         return functional_call(synth, {**snapshot, **dict(synth.named_buffers())}, args), snapshot
 
@@ -252,22 +266,26 @@ class Stage:
         """Train the synthesizers on the targets that have come back: gradients from above for the
         boundary's ``M``, real activations from below for ``I`` of the cut below.  Wait while
         ``max_inflight`` batches wait for theirs (with ``drain``: until none waits)."""
-        for inbox, train in ((self.up, self.train_synthesizer), (self.down, self.train_input_model)):
-            while inbox is not None and (got := inbox.take(drain or len(inbox.pending) >= self.max_inflight)):
+        for inbox, train in ((self.up, self.train_synthesizer),
+                             (self.down, self.train_input_model)):
+            while inbox is not None and (
+                    got := inbox.take(drain or len(inbox.pending) >= self.max_inflight)):
                 train(*got)
 
     def train_synthesizer(self, waiting: tuple, grad: torch.Tensor) -> None:
         """Regress ``M``'s prediction of an earlier batch on the gradient that came back for it."""
         step, delta_hat, snapshot, update = waiting
-        diff = delta_hat.detach() - per_example(grad)  # the per-example target, as in sgrun.dni.interface
+        # the per-example target, as in sgrun.dni.interface
+        diff = delta_hat.detach() - per_example(grad)
         self.sg_losses.append(float(regression_loss(diff)))
-        self._late_step(self.boundary.synthesizer, self.synth_opt, self.synth_sched, delta_hat, snapshot,
-                        regression_grad(diff), update)
+        self._late_step(self.boundary.synthesizer, self.synth_opt, self.synth_sched, delta_hat,
+                        snapshot, regression_grad(diff), update)
         self.stale.append(self.step - step)
 
     def train_input_model(self, waiting: tuple, h: torch.Tensor) -> None:
         """Regress ``I``'s prediction of an earlier batch on the real activation that produced it
-        below: the gradient of ``mean_i ||h_hat_i - h_i||^2``, as in :mod:`sgrun.dni.synthetic_input`."""
+        below: the gradient of ``mean_i ||h_hat_i - h_i||^2``, as in
+        :mod:`sgrun.dni.synthetic_input`."""
         step, h_hat, snapshot, update = waiting
         diff = h_hat.detach() - h
         self.in_losses.append(float(regression_loss(diff)))
@@ -276,8 +294,8 @@ class Stage:
         self.in_stale.append(self.step - step)
 
     @staticmethod
-    def _late_step(module: nn.Module, opt, sched, pred: torch.Tensor, snapshot: dict, grad_pred: torch.Tensor,
-                   update: bool) -> None:
+    def _late_step(module: nn.Module, opt, sched, pred: torch.Tensor, snapshot: dict,
+                   grad_pred: torch.Tensor, update: bool) -> None:
         """One optimizer step of ``module`` with the gradient its prediction had on the snapshot; a
         skipped update (stochastic updates) leaves it and its Adam moments alone, as in process."""
         params = dict(module.named_parameters())
@@ -312,8 +330,8 @@ class Stage:
         return values
 
     def report(self) -> dict:
-        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses, "in_stale": self.in_stale,
-             "in_loss": self.in_losses}
+        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses,
+             "in_stale": self.in_stale, "in_loss": self.in_losses}
         self.stale, self.sg_losses, self.losses, self.in_stale, self.in_losses = [], [], [], [], []
         return r
 
@@ -329,19 +347,22 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     device = device_of(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
-    backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = (cfg.runtime.backend if cfg.runtime.backend != "auto"
+               else ("nccl" if device.type == "cuda" else "gloo"))
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     data = build_images(cfg)
     model = full_model(cfg, tuple(data.shape), data.num_classes)
     split = plan_split(model, cfg.runtime)
     if split.stages != world:
-        raise ConfigError(f"{world} processes for {split.stages} stages: start as many processes as runtime.stages")
+        raise ConfigError(f"{world} processes for {split.stages} stages: start as many processes "
+                          "as runtime.stages")
     model.to(device).train()
     full_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
     steps, lr, eval_every = int(cfg.train.steps), float(cfg.optim.lr), int(cfg.train.eval_every)
-    # every stage draws the same batches itself (same seed): stages above the first take their labels
-    # from it (no label messages), and with synthetic inputs their data too (nothing below is waited for)
+    # every stage draws the same batches itself (same seed): stages above the first take their
+    # labels from it (no label messages), and with synthetic inputs their data too (nothing below
+    # is waited for)
     sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
     check_schedule(cfg, split)
     kind = Stage if cfg.runtime.get("schedule", "dni") == "dni" else ScheduledStage
@@ -352,23 +373,27 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     writer = Writer(Path(out_dir) / "tb" / "pipeline") if rank == 0 else None
     history: list[tuple[int, float]] = []
-    seconds: list[float] = []  # training seconds at each evaluation (the slowest stage's, without evaluations)
+    # training seconds at each evaluation (the slowest stage's, without evaluations)
+    seconds: list[float] = []
     # per boundary: [sum, count, max] of the gradient targets' staleness, then of the input targets'
-    staleness: dict[str, list[float]] = {} if split.locked else {b: [0.0, 0.0, 0.0] * 2 for b in split.boundaries}
+    staleness: dict[str, list[float]] = ({} if split.locked
+                                         else {b: [0.0, 0.0, 0.0] * 2 for b in split.boundaries})
     result = None
     try:
         tick, t_train = time.time(), 0.0
         for step in range(1, steps + 1):
             stage.train_step()
             if step % eval_every == 0 or step == steps:
-                # the divergence guard of the in-process engine, on this stage's losses since the last report
+                # the divergence guard of the in-process engine, on this stage's losses since the
+                # last report
                 check_finite(stage.finite_check_values(), step, lr, None)
                 if not stage.locked:
                     stage.take_targets(drain=True)
                 stage.flush()
                 t_train += time.time() - tick
                 gathered = [None] * world if rank == 0 else None
-                dist.gather_object((stage.state(full_names), stage.report(), t_train), gathered, dst=0, group=ctrl)
+                dist.gather_object((stage.state(full_names), stage.report(), t_train), gathered,
+                                   dst=0, group=ctrl)
                 if rank == 0:
                     state = {}
                     for part in gathered:
@@ -380,21 +405,25 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                     rate = step * stage.batch / max(seconds[-1], 1e-9)
                     log_gathered(writer, split, gathered, step, err, rate)
                     for s, cut in enumerate(staleness):
-                        for k, stale in ((0, gathered[s][1]["stale"]), (3, gathered[s + 1][1]["in_stale"])):
+                        for k, stale in ((0, gathered[s][1]["stale"]),
+                                         (3, gathered[s + 1][1]["in_stale"])):
                             acc = staleness[cut]
                             acc[k], acc[k + 1] = acc[k] + sum(stale), acc[k + 1] + len(stale)
                             acc[k + 2] = max([acc[k + 2], *stale])
-                    log.info("step %d/%d  test error %.2f%%  %.0f samples/s", step, steps, err, rate)
+                    log.info("step %d/%d  test error %.2f%%  %.0f samples/s",
+                             step, steps, err, rate)
                 # every stage restarts its clock after rank 0's evaluation, so that no stage counts
                 # the time it would otherwise spend waiting on the evaluating stage as training time
                 dist.barrier(group=ctrl)
                 tick = time.time()
         if rank == 0:
-            stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])} for cut, acc in staleness.items()}
+            stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])}
+                     for cut, acc in staleness.items()}
             if stage.unlocked:  # how late the real activations came to train the synthetic inputs
                 for cut, acc in staleness.items():
                     stale[cut].update(input_mean=acc[3] / max(acc[4], 1), input_max=int(acc[5]))
-            result = {"metrics": {"test_error": history[-1][1], "best_test_error": min(e for _, e in history),
+            result = {"metrics": {"test_error": history[-1][1],
+                                  "best_test_error": min(e for _, e in history),
                                   "steps": steps, "history": history, "seconds": seconds,
                                   "samples_per_sec": steps * stage.batch / max(seconds[-1], 1e-9),
                                   "stages": world, "boundaries": list(split.boundaries),
@@ -408,7 +437,8 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     return result
 
 
-def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: float, rate: float) -> None:
+def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: float,
+                 rate: float) -> None:
     writer.scalar("error/test", err, step)
     writer.scalar("perf/samples_per_sec", rate, step)
     losses = gathered[-1][1]["loss"]
@@ -417,23 +447,28 @@ def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: f
     for s, part in enumerate(gathered[:-1]):
         rep, cut = part[1], split.boundaries[s]
         if rep["stale"]:
-            writer.scalar(f"pipeline/{cut}/staleness_mean", sum(rep["stale"]) / len(rep["stale"]), step)
+            writer.scalar(f"pipeline/{cut}/staleness_mean",
+                          sum(rep["stale"]) / len(rep["stale"]), step)
             writer.scalar(f"pipeline/{cut}/staleness_max", max(rep["stale"]), step)
         if rep["sg"]:
             writer.scalar(f"dni/{cut}/sg_loss", sum(rep["sg"]) / len(rep["sg"]), step)
         above = gathered[s + 1][1]
         if above["in_stale"]:
-            writer.scalar(f"pipeline/{cut}/input_staleness_mean", sum(above["in_stale"]) / len(above["in_stale"]), step)
+            writer.scalar(f"pipeline/{cut}/input_staleness_mean",
+                          sum(above["in_stale"]) / len(above["in_stale"]), step)
             writer.scalar(f"pipeline/{cut}/input_staleness_max", max(above["in_stale"]), step)
-            writer.scalar(f"dni/{cut}/input_loss", sum(above["in_loss"]) / len(above["in_loss"]), step)
+            writer.scalar(f"dni/{cut}/input_loss",
+                          sum(above["in_loss"]) / len(above["in_loss"]), step)
 
 
-def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int, errors) -> None:
+def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int,
+            errors) -> None:
     """Entry of a process started by :func:`train_pipeline`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops everyone
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         result = stage_main(rank, world, cfg, out_dir)
         if result is not None:
@@ -448,7 +483,8 @@ def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: 
 
 def full_model(cfg: DictConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
     """The whole feed-forward model, as the in-process run builds it (same seed, same weights)."""
-    model = build_model(cfg.model, in_shape=shape, num_classes=classes, placement=placement_of(cfg.dni))
+    model = build_model(cfg.model, in_shape=shape, num_classes=classes,
+                        placement=placement_of(cfg.dni))
     model.in_shape, model.num_classes = shape, classes
     model.context_dim = classes if cfg.dni.conditioned else 0
     return model

@@ -18,7 +18,8 @@ log = logging.getLogger("sgrun")
 class BatchSampler:
     """Random mini-batches from in-memory tensors, a fresh permutation each epoch."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, device: torch.device) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                 device: torch.device) -> None:
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size = min(batch_size, len(x))
         self.gen = torch.Generator().manual_seed(seed)
@@ -87,16 +88,19 @@ class Classification(Task):
                                  placement=placement_of(cfg.dni)).to(device)
         # cDNI (sec. 3.3): the synthesizers also see the one-hot label
         self.conditioned = bool(cfg.dni.conditioned) and len(self.model.interfaces) > 0
-        self.sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
+        self.sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed,
+                                    device)
         self.sg_quality = bool(cfg.train.sg_quality) and len(self.model.interfaces) > 0
-        self.interfaces = interfaces_of(self.model)  # found once: train_step reads their records every step
+        # found once: train_step reads their records every step
+        self.interfaces = interfaces_of(self.model)
         self.history: list[tuple[int, float]] = []
 
     def units_per_step(self) -> int:
         return self.sampler.batch_size
 
     def parameter_groups(self):
-        # synthesizers and input models (everything in an interface) share the synthesizer learning rate
+        # synthesizers and input models (everything in an interface) share the synthesizer
+        # learning rate
         synth = {id(p) for i in self.interfaces for p in i.parameters()}
         params = list(self.model.parameters())
         return [p for p in params if id(p) not in synth], [p for p in params if id(p) in synth]
@@ -143,7 +147,8 @@ class Classification(Task):
         return {"error/test": err}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "sampler": self.sampler.state_dict(), "history": list(self.history)}
+        return {"model": self.model.state_dict(), "sampler": self.sampler.state_dict(),
+                "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -151,7 +156,8 @@ class Classification(Task):
         self.history = [tuple(h) for h in state["history"]]
 
     def final_metrics(self, steps: int) -> dict:
-        return {"test_error": self.history[-1][1], "best_test_error": min(e for _, e in self.history),
+        return {"test_error": self.history[-1][1],
+                "best_test_error": min(e for _, e in self.history),
                 "steps": steps, "history": self.history}
 
     @staticmethod

@@ -107,6 +107,24 @@ def verify_file(path: Path, record: dict) -> bool:
             and hashlib.sha256(data).hexdigest() == record.get("sha256"))
 
 
+def file_records(folder: Path, root: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``folder`` (a closed TensorBoard log), by its path
+    relative to ``root``, each flushed to disk first: the summary that lists them vouches for
+    them. An event file is a stream TensorBoard appends to, so it cannot be renamed into place;
+    a finished run is instead one whose event files are still the ones its summary lists."""
+    records = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        try:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+                data = f.read()
+        except OSError as e:
+            raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
+        records[str(path.relative_to(root))] = {"bytes": len(data),
+                                                "sha256": hashlib.sha256(data).hexdigest()}
+    return records
+
+
 def write_json_atomic(path: str | Path, data: dict) -> dict:
     """Write ``data`` as JSON atomically (:func:`write_bytes_atomic`)."""
     return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True, default=str)

@@ -37,7 +37,14 @@ from sgrun.checks import check_config
 from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.locks import folder_lock
-from sgrun.metrics import NullWriter, Writer, verify_file, write_bytes_atomic, write_json_atomic
+from sgrun.metrics import (
+    NullWriter,
+    Writer,
+    file_records,
+    verify_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from sgrun.tasks import TASKS, Task
 from sgrun.threads import resolve_threads
 from sgrun.updates import skip_updates
@@ -180,15 +187,16 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
                                {k: v for k, v in metrics.items() if k != "history"})
     finally:
         session.writer.close()
-    # The files the summary vouches for come first; the summary, written last, marks the run
-    # finished.
-    model_file = write_bytes_atomic(out_dir / MODEL,
-                                    _saved(model.state_dict()))  # without optimizer state
+    # The files the summary vouches for come first (the closed event files, the model); the
+    # summary, written last, marks the run finished.
+    files = file_records(out_dir / "tb", out_dir)
+    files[MODEL] = write_bytes_atomic(out_dir / MODEL,
+                                      _saved(model.state_dict()))  # without optimizer state
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
         "threads": threads,  # torch threads (per process for a pipeline): they change the numbers
-        "files": {MODEL: model_file},
+        "files": files,
         "choices": choices_of(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
     })

@@ -282,6 +282,24 @@ def test_a_finished_run_vouches_for_its_model_and_a_broken_one_is_redone(tmp_pat
     assert run(cfg, tmp_path)["test_error"] == first["test_error"]  # a corrupt summary blocks nothing
 
 
+def test_a_finished_run_vouches_for_its_event_files(tmp_path, caplog):
+    """The closed event files are listed in the summary; one cut short afterwards (a disk that
+    filled as TensorBoard wrote its end) makes the run redone, not reported as finished."""
+    import json
+
+    cfg = make_cfg("data=synthetic", "device=cpu", "profile=smoke")
+    first = run(cfg, tmp_path)
+    files = json.loads((tmp_path / "summary.json").read_text())["files"]
+    events = sorted(name for name in files if name.startswith("tb/"))
+    assert events and all(files[n]["bytes"] == (tmp_path / n).stat().st_size for n in events)
+    event = tmp_path / events[0]
+    event.write_bytes(event.read_bytes()[:-7])
+    with caplog.at_level("WARNING"):
+        again = run(cfg, tmp_path)
+    assert "fail their checksum: the run is redone" in caplog.text
+    assert again["test_error"] == first["test_error"]
+
+
 def test_a_paper_preset_points_to_its_cpu_budget():
     hint = "(for a CPU-sized run: add profile=cpu)"
     paper, cpu = make_cfg("experiment=mnist_fcn"), make_cfg("experiment=mnist_fcn", "profile=cpu")

@@ -159,7 +159,8 @@ def _draw_against_key(spec: dict, table: Table, path: Path) -> bool:
 
 
 def save(fig, path: Path) -> None:
-    """The PNG through a temporary file and a rename: a figure is whole or absent, never cut short."""
+    """The PNG through a temporary file and a rename: a figure is whole or absent, never cut
+    short."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)

@@ -389,8 +389,9 @@ def runs_section(runs: list[Run], pattern: str) -> list[str]:
             note = ""
         broken = [r for r in preset_runs if r.status == "unfinished" and r.message]
         if broken:
-            note = "; ".join(filter(None, [note, f"{len(broken)} unfinished: {shown(broken[0].path)}: "
-                                                  f"{first_line(broken[0].message)}"]))
+            note = "; ".join(filter(None, [note,
+                                           f"{len(broken)} unfinished: {shown(broken[0].path)}: "
+                                           f"{first_line(broken[0].message)}"]))
         steps = sorted({v for r in preset_runs if isinstance(v := r.get("metrics.steps"), int)})
         lines.append(f"| {preset} | {n['finished']} | {n['failed']} | {n['unfinished']} | "
                      f"{seeds or '–'} | {', '.join(map(str, steps)) or '–'} | {minutes:.1f} | "

@@ -15,7 +15,8 @@ def sgrun(*args: str, cwd, env: dict | None = None, module: bool = False,
     full_env = {**os.environ, "SGRUN_DATA_DIR": str(cwd / "data"), **(env or {})}
     for name in ("HYDRA_FULL_ERROR", *unset):
         full_env.pop(name, None)
-    return subprocess.run([*exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def trained(tmp_path, name: str, *args: str, env: dict | None = None) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
-"""Bad input: one clear line naming the problem and the fix, exit code 2, earlier results intact."""
+"""Bad input: one clear line naming the problem and the fix, exit code 2, earlier results
+intact."""
 
 import gzip
 import hashlib
@@ -21,10 +22,13 @@ CASES = {
     "zero steps": (["train.steps=0"], ["train.steps must be >= 1"]),
     "unknown device": (["device=tpu"], ["device must be auto, cpu or cuda"]),
     "unknown interface mode": (["dni=every_layer", "dni.mode=sometimes"], ["dni.mode must be"]),
-    "cut that does not exist": (["dni=every_layer", "dni.cuts=[h9]"], ["h9", "valid cuts are h1, h2"]),
+    "cut that does not exist": (["dni=every_layer", "dni.cuts=[h9]"],
+                                ["h9", "valid cuts are h1, h2"]),
     "two-timescale T of zero": (["experiment=two_timescale", "model.T=0"], ["model.T", ">= 1"]),
-    "missing dataset": (["data=mnist", "data.download=false"], ["MNIST not found", "train-images-idx3-ubyte"]),
-    "'+' addition with a typo": (["+model.hiden=3"], ["'model.hiden'", "did you mean model.hidden?"]),
+    "missing dataset": (["data=mnist", "data.download=false"],
+                        ["MNIST not found", "train-images-idx3-ubyte"]),
+    "'+' addition with a typo": (["+model.hiden=3"],
+                                 ["'model.hiden'", "did you mean model.hidden?"]),
     "'+' addition of a key nothing reads": (["+foo=1"], ["no key 'foo'", "sgrun --cfg job"]),
     "infinite learning rate": (["optim.lr=inf"], ["optim.lr must be a finite number", "optim.lr="]),
     "NaN update_prob": (["train.update_prob=nan"], ["train.update_prob"]),
@@ -34,7 +38,8 @@ CASES = {
                             ["dni.bootstrap_scale must be a finite number"]),
     "plateau of zero episodes": (["experiment=table1_copy", "train.plateau_samples=0"],
                                  ["train.plateau_samples must be >= 1"]),
-    "every_k on a feed-forward net": (["dni=every_k"], ["dni=every_k is for model=rnn", "dni=cdni"]),
+    "every_k on a feed-forward net": (["dni=every_k"],
+                                      ["dni=every_k is for model=rnn", "dni=cdni"]),
 }
 
 
@@ -100,13 +105,15 @@ MNIST = {"train-images-idx3-ubyte": (2051, (20, 28, 28)), "train-labels-idx1-uby
 
 
 def idx_bytes(magic, shape, seed=0):
-    body = np.random.default_rng(seed).integers(0, 10 if len(shape) == 1 else 256, size=shape, dtype=np.uint8)
+    body = np.random.default_rng(seed).integers(0, 10 if len(shape) == 1 else 256, size=shape,
+                                                dtype=np.uint8)
     return struct.pack(f">I{len(shape)}I", magic, *shape) + body.tobytes()
 
 
 @pytest.fixture
 def mnist_dir(tmp_path):
-    """Small MNIST-format files and an override that accepts their md5s (as if they were official)."""
+    """Small MNIST-format files and an override that accepts their md5s (as if they were
+    official)."""
     folder = tmp_path / "data" / "mnist"
     folder.mkdir(parents=True)
     sums = {}
@@ -132,8 +139,10 @@ def test_generated_mnist_files_load_through_the_cli(tmp_path, mnist_dir):
 def test_dataset_file_with_wrong_checksum(tmp_path, mnist_dir):
     folder, override = mnist_dir
     path = folder / "t10k-labels-idx1-ubyte"
-    path.write_bytes(idx_bytes(2049, (10,), seed=5))  # well-formed, but not the file the checksum names
-    assert_one_line_error(run_mnist(tmp_path, override), ["t10k-labels-idx1-ubyte", "fails its checksum", "delete it"])
+    # well-formed, but not the file the checksum names
+    path.write_bytes(idx_bytes(2049, (10,), seed=5))
+    assert_one_line_error(run_mnist(tmp_path, override),
+                          ["t10k-labels-idx1-ubyte", "fails its checksum", "delete it"])
 
 
 def test_dataset_file_truncated(tmp_path, mnist_dir):
@@ -141,7 +150,8 @@ def test_dataset_file_truncated(tmp_path, mnist_dir):
     path = folder / "train-images-idx3-ubyte"
     data = path.read_bytes()[:-100]
     path.write_bytes(data)
-    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in MNIST}  # checksum passes: the parser must see it
+    # checksum passes: the parser must see it
+    sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in MNIST}
     override = "+data.options.checksums={" + ",".join(f"{k}:{v}" for k, v in sums.items()) + "}"
     assert_one_line_error(run_mnist(tmp_path, override), ["train-images-idx3-ubyte", "truncated"])
 
@@ -151,7 +161,8 @@ def test_dataset_file_with_wrong_magic_number(tmp_path, mnist_dir):
     (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(2051, (20,)))
     sums = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in MNIST}
     override = "+data.options.checksums={" + ",".join(f"{k}:{v}" for k, v in sums.items()) + "}"
-    assert_one_line_error(run_mnist(tmp_path, override), ["train-labels-idx1-ubyte", "magic number"])
+    assert_one_line_error(run_mnist(tmp_path, override),
+                          ["train-labels-idx1-ubyte", "magic number"])
 
 
 def test_dataset_gzip_cut_off(tmp_path, mnist_dir):
@@ -160,7 +171,8 @@ def test_dataset_gzip_cut_off(tmp_path, mnist_dir):
     packed = gzip.compress(raw.read_bytes())
     raw.unlink()
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(packed[: len(packed) // 2])
-    assert_one_line_error(run_mnist(tmp_path, override), ["t10k-images-idx3-ubyte.gz", "not a readable gzip file"])
+    assert_one_line_error(run_mnist(tmp_path, override),
+                          ["t10k-images-idx3-ubyte.gz", "not a readable gzip file"])
 
 
 def test_checkpoint_truncated_and_no_previous(tmp_path):
@@ -178,7 +190,8 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path):
     folder.mkdir()
     (folder / "checkpoint.pt.tmp").symlink_to("/dev/full")
     r = sgrun(*SMOKE, "checkpoint.every=2", "hydra.run.dir=new", cwd=tmp_path)
-    # the first checkpoint fails: there is no earlier one to keep, and the message must not claim one
+    # the first checkpoint fails: there is no earlier one to keep,
+    # and the message must not claim one
     assert_one_line_error(r, ["could not write checkpoint", "No space left on device",
                               "no earlier checkpoint exists"])
     assert "kept" not in r.stderr
@@ -209,8 +222,8 @@ def test_disk_full_while_tensorboard_writes(tmp_path, after):
     run = ["train.steps=40", "train.log_every=1", "checkpoint.every=5", "hydra.run.dir=new"]
     r = sgrun(*SMOKE, *run, cwd=tmp_path, env={"PYTHONPATH": str(hook)})
     assert "Exception in thread" not in r.stderr
-    assert_one_line_error(r, ["could not write the TensorBoard events in ", "new/tb: No space left on device",
-                              "not marked finished"])
+    assert_one_line_error(r, ["could not write the TensorBoard events in ",
+                              "new/tb: No space left on device", "not marked finished"])
     assert not (tmp_path / "new" / "summary.json").exists()
     if after == 1:
         assert "no checkpoint had been written yet" in r.stderr and "kept" not in r.stderr

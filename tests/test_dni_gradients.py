@@ -24,11 +24,13 @@ def batch(seed=0):
     return torch.randn(B, D_IN, generator=g), torch.randint(0, CLASSES, (B,), generator=g)
 
 
-def fcn(kind="mlp", mode="synthetic", scale=1.0, conditioned=False, cuts=("all",), layers=3, seed=0):
+def fcn(kind="mlp", mode="synthetic", scale=1.0, conditioned=False, cuts=("all",), layers=3,
+        seed=0):
     torch.manual_seed(seed)
     spec = SynthesizerSpec(kind=kind, hidden=16, layers=1)
     return FCN((D_IN,), CLASSES, layers=layers, hidden=10,
-               placement=Placement(cuts=cuts, synthesizer=spec, conditioned=conditioned, mode=mode, scale=scale))
+               placement=Placement(cuts=cuts, synthesizer=spec, conditioned=conditioned, mode=mode,
+                                   scale=scale))
 
 
 def randomize_synthesizers(model, std=0.3):
@@ -39,7 +41,8 @@ def randomize_synthesizers(model, std=0.3):
 
 
 def grads(module):
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()}
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in module.named_parameters()}
 
 
 def loss_of(model, x, y, conditioned=False):
@@ -116,7 +119,8 @@ def test_train_only_leaves_model_gradients_bit_identical(conditioned):
         if not n.startswith("interfaces."):
             assert torch.equal(got[n], g), n
     # while the synthesizers did learn
-    assert all(torch.count_nonzero(p.grad) > 0 for i in interfaces_of(model) for p in i.synthesizer.parameters())
+    assert all(torch.count_nonzero(p.grad) > 0
+               for i in interfaces_of(model) for p in i.synthesizer.parameters())
 
 
 def explicit_sg_loss(synth, h, target, context=None):
@@ -138,7 +142,8 @@ def test_synthesizer_gradient_equals_autograd_on_l2(kind):
     loss_of(model, x, y).backward()
     for (n, p), p_ref in zip(iface.synthesizer.named_parameters(), synth_ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-7, msg=n)
-    torch.testing.assert_close(iface.record.sg_loss, explicit_sg_loss(synth_ref, h2, cut_grads["h2"] * B).detach())
+    torch.testing.assert_close(iface.record.sg_loss,
+                               explicit_sg_loss(synth_ref, h2, cut_grads["h2"] * B).detach())
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
@@ -201,7 +206,8 @@ def test_conditioned_synthesizer_needs_context():
 def test_cnn_conv_synthesizer_shapes_and_zero_start():
     torch.manual_seed(0)
     spec = SynthesizerSpec(kind="conv", hidden=4, layers=1, kernel=3)
-    model = CNN((1, 12, 12), CLASSES, layers=3, channels=6, kernel=3, placement=Placement(("all",), spec))
+    model = CNN((1, 12, 12), CLASSES, layers=3, channels=6, kernel=3,
+                placement=Placement(("all",), spec))
     x = torch.randn(4, 1, 12, 12)
     y = torch.randint(0, CLASSES, (4,))
     assert model.cut_shapes == {"h1": (6, 6, 6), "h2": (6, 3, 3)}

@@ -19,8 +19,8 @@ from sgrun.guard import check_finite
 from sgrun.tasks import TASKS
 from sgrun.train import budget_line, estimate_line, run, task_class
 
-FAMILIES = {"fcn": ("feedforward", "mnist"), "cnn": ("feedforward", "mnist"), "rnn": ("rnn", "copy"),
-            "hrnn": ("hrnn", "digits")}
+FAMILIES = {"fcn": ("feedforward", "mnist"), "cnn": ("feedforward", "mnist"),
+            "rnn": ("rnn", "copy"), "hrnn": ("hrnn", "digits")}
 
 
 @pytest.mark.parametrize("model", FAMILIES)
@@ -49,13 +49,14 @@ def _leaves(node, prefix=""):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_no_demo_budget_reaches_a_preset(preset):
     """Every key a family's demo budget sets is set by each preset of that family again, so the
-    paper profile of a preset is the preset's own (the demo file comes first in the defaults list)."""
+    paper profile of a preset is the preset's own (the demo file comes first in the defaults
+    list)."""
     cfg = make_cfg(f"experiment={preset}")
     demo = OmegaConf.load(Path(CONF_DIR) / "demo" / f"{cfg.model.name}.yaml")
     unset = object()
     for key in _leaves(demo):
-        assert any(OmegaConf.select(part, key, default=unset) is not unset for part in _preset_files(preset)), \
-            f"{preset} does not set {key}"
+        assert any(OmegaConf.select(part, key, default=unset) is not unset
+                   for part in _preset_files(preset)), f"{preset} does not set {key}"
 
 
 def _preset_files(preset: str):
@@ -90,7 +91,8 @@ def test_profile_files_are_not_copies_of_each_other():
         body = "\n".join(ln for ln in f.read_text().splitlines() if not ln.startswith("#"))
         if body.startswith("defaults:") and body.count("\n") == 1:
             continue  # a one-line include of the shared file
-        assert body not in bodies, f"{f.name} repeats {bodies.get(body)}: include it with a defaults list"
+        assert body not in bodies, (
+            f"{f.name} repeats {bodies.get(body)}: include it with a defaults list")
         bodies[body] = f.name
 
 
@@ -112,14 +114,16 @@ def test_stochastic_updates_are_refused_where_there_are_no_layer_groups(model):
 
 
 def test_stochastic_updates_skip_and_count(tmp_path):
-    cfg = make_cfg("data=synthetic", "device=cpu", "profile=smoke", "train.update_prob=0.5", "train.steps=8",
-                   "model.layers=3", "dni=every_layer")
+    cfg = make_cfg("data=synthetic", "device=cpu", "profile=smoke", "train.update_prob=0.5",
+                   "train.steps=8", "model.layers=3", "dni=every_layer")
     metrics = run(cfg, tmp_path)
-    assert 0 < metrics["skipped_groups"] < 8 * 3  # three layer groups, each skipped with probability 1/2
+    # three layer groups, each skipped with probability 1/2
+    assert 0 < metrics["skipped_groups"] < 8 * 3
 
 
 def test_the_family_and_the_dataset_must_match(tmp_path):
-    with pytest.raises(ConfigError, match="model=rnn trains on copy, repeat_copy, ptb, not data=mnist"):
+    with pytest.raises(ConfigError,
+                       match="model=rnn trains on copy, repeat_copy, ptb, not data=mnist"):
         run(make_cfg("model=rnn", "data=mnist", "profile=smoke"), tmp_path)
 
 
@@ -132,7 +136,8 @@ def test_threads_reach_every_task(tmp_path, monkeypatch):
 
 
 def test_the_guard_names_the_interface_and_the_checkpoint():
-    with pytest.raises(SgrunError, match=r"interface h2 became non-finite by step 7.*checkpoint \(step 5\)"):
+    with pytest.raises(SgrunError,
+                       match=r"interface h2 became non-finite by step 7.*checkpoint \(step 5\)"):
         check_finite({"loss/train": 1.0, "dni/h2/sg_loss": float("nan")}, 7, 1e-3, 5)
     with pytest.raises(SgrunError, match="training loss .* no checkpoint had been written yet"):
         check_finite({"loss/train": float("inf")}, 3, 1e-3, None)
@@ -186,7 +191,8 @@ def test_ctrl_c_prints_the_command_that_continues_the_run(tmp_path):
     import subprocess
     import time
 
-    args = ["data=synthetic", "device=cpu", "train.steps=3000", "train.eval_every=3000", "hydra.run.dir=run"]
+    args = ["data=synthetic", "device=cpu", "train.steps=3000", "train.eval_every=3000",
+            "hydra.run.dir=run"]
     env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen(["sgrun", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -225,7 +231,8 @@ def test_a_second_reproduce_on_the_same_runs_folder_is_one_line(tmp_path, capsys
 
     (tmp_path / "smoke").mkdir()
     with folder_lock(tmp_path / "smoke"):
-        code = reproduce.main(["--profile", "smoke", "--only", "mnist_fcn", "--runs", str(tmp_path)])
+        code = reproduce.main(["--profile", "smoke", "--only", "mnist_fcn",
+                               "--runs", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert re.search(r"smoke is in use by another make reproduce \(PID \d+\).*--runs", err[0])
@@ -237,12 +244,12 @@ def test_a_second_sweep_into_a_held_sweep_folder_is_one_line(tmp_path):
 
     (tmp_path / "sweep").mkdir()
     with folder_lock(tmp_path / "sweep"):
-        r = sgrun("-m", "data=synthetic", "profile=smoke", "device=cpu", "seed=0,1", "hydra.sweep.dir=sweep",
-                  cwd=tmp_path)
+        r = sgrun("-m", "data=synthetic", "profile=smoke", "device=cpu", "seed=0,1",
+                  "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.search(r"sweep is in use by another sgrun sweep \(PID \d+\).*hydra.sweep.dir",
-                                         lines[0])
+    assert len(lines) == 1 and re.search(r"sweep is in use by another sgrun sweep \(PID \d+\)"
+                                         r".*hydra.sweep.dir", lines[0])
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == [".sgrun.lock"]  # no job ran
 
 
@@ -253,7 +260,8 @@ def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
 
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pathlib import Path; from sgrun.locks import folder_lock\n"
-        "with folder_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
+        "with folder_lock(Path(sys.argv[1])):\n"
+        "    print('held', flush=True); time.sleep(60)"), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     from sgrun.locks import folder_lock
@@ -279,7 +287,8 @@ def test_a_finished_run_vouches_for_its_model_and_a_broken_one_is_redone(tmp_pat
     again = run(cfg, tmp_path)  # redone, not reported as finished with a broken model
     assert again["test_error"] == first["test_error"] and torch.load(tmp_path / "model.pt")
     (tmp_path / "summary.json").write_text("{not json")
-    assert run(cfg, tmp_path)["test_error"] == first["test_error"]  # a corrupt summary blocks nothing
+    # a corrupt summary blocks nothing
+    assert run(cfg, tmp_path)["test_error"] == first["test_error"]
 
 
 def test_a_finished_run_vouches_for_its_event_files(tmp_path, caplog):

@@ -1,6 +1,6 @@
-"""Two networks at two timescales (Jaderberg et al. 2017, sec. 3.2): which gradient of B's loss reaches A
-in each coupling, the tick targets, the preset under the smoke profile, bad input, and resume.
-CPU only, no network, no real data (images come from the generated ``synthetic`` set)."""
+"""Two networks at two timescales (Jaderberg et al. 2017, sec. 3.2): which gradient of B's loss
+reaches A in each coupling, the tick targets, the preset under the smoke profile, bad input, and
+resume. CPU only, no network, no real data (images come from the generated ``synthetic`` set)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def net(coupling, scale=1.0, mode="synthetic", speaking=False, seed=0):
     """A small model; A and B get the same weights for every coupling (they are built first)."""
     torch.manual_seed(seed)
     placement = Placement(("message",), SynthesizerSpec("linear"), scale=scale, mode=mode)
-    model = HierarchicalRNN(10, T, T + 1, T * T + 1, hidden_a=H, hidden_b=H, coupling=coupling, placement=placement)
+    model = HierarchicalRNN(10, T, T + 1, T * T + 1, hidden_a=H, hidden_b=H, coupling=coupling,
+                            placement=placement)
     if speaking:  # a synthesizer that says something (a fresh one returns zero)
         for p in model.interface.synthesizer.parameters():
             nn.init.normal_(p, std=0.3)
@@ -79,27 +80,30 @@ def test_none_coupling_gives_a_no_gradient_of_b():
 def test_bptt_coupling_gives_a_the_true_gradient_of_b():
     model = net("bptt")
     _, _, grads = b_loss_and_a_grads(model)
-    lstm_a = grads[:len(list(model.lstm_a.parameters()))]  # A's read-out is not on the message's path
+    # A's read-out is not on the message's path
+    lstm_a = grads[:len(list(model.lstm_a.parameters()))]
     assert all(g is not None and g.abs().sum() > 0 for g in lstm_a)
 
 
 def test_dni_with_a_zero_synthesizer_gives_a_nothing_of_b():
-    """Jaderberg et al. 2017, sec. 3: a fresh synthesizer predicts zero, so A starts as with coupling=none."""
+    """Jaderberg et al. 2017, sec. 3: a fresh synthesizer predicts zero, so A starts as with
+    coupling=none."""
     _, _, grads = b_loss_and_a_grads(net("dni"))
     assert all(is_zero(g) for g in grads)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.1])
 def test_dni_gives_a_exactly_the_synthetic_gradient_pulled_back(scale):
-    """The only path from B's loss into A is the synthesizer: A's gradient of L_B is the pull-back of
-    scale * M(message) / rows through A's blocks, whatever B did with the message."""
+    """The only path from B's loss into A is the synthesizer: A's gradient of L_B is the pull-back
+    of scale * M(message) / rows through A's blocks, whatever B did with the message."""
     model = net("dni", scale=scale, speaking=True)
     _, out, grads = b_loss_and_a_grads(model)
     message = out.message  # [TICKS, B, H]
     rows = message.shape[0] * message.shape[1]
     with torch.no_grad():
         delta_hat = model.interface.synthesizer(message.flatten(0, 1)).view_as(message)
-    want = torch.autograd.grad(message, model.a_parameters(), grad_outputs=scale * delta_hat / rows, allow_unused=True)
+    want = torch.autograd.grad(message, model.a_parameters(), grad_outputs=scale * delta_hat / rows,
+                               allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     for g, w in zip(grads, want, strict=True):
         assert (g is None) == (w is None)
@@ -117,7 +121,8 @@ def test_dni_train_only_passes_the_true_gradient_like_bptt():
 
 
 def test_the_synthesizer_regresses_on_bs_true_gradient_at_the_message():
-    """Its regression target is dL_B/d(message) in per-row units, i.e. what coupling=bptt would pass."""
+    """Its regression target is dL_B/d(message) in per-row units, i.e. what coupling=bptt would
+    pass."""
     model = net("dni", speaking=True)
     loss_b, out, _ = b_loss_and_a_grads(model)
     loss_b.backward()
@@ -144,12 +149,14 @@ def test_coupling_changes_only_what_reaches_a():
         g_a = torch.autograd.grad(count_loss(out.logits_a, y_a, ones), model.a_parameters())
         grads[coupling] = (g_b, g_a)
     for coupling in ("dni", "bptt"):
-        for mine, ref in zip(grads[coupling][0] + grads[coupling][1], grads["none"][0] + grads["none"][1]):
+        for mine, ref in zip(grads[coupling][0] + grads[coupling][1],
+                             grads["none"][0] + grads["none"][1]):
             torch.testing.assert_close(mine, ref)
 
 
 def test_a_is_truncated_at_every_tick():
-    """No gradient crosses a block of T steps: the message of tick 2 does not depend on tick 1's inputs."""
+    """No gradient crosses a block of T steps: the message of tick 2 does not depend on tick 1's
+    inputs."""
     model = net("bptt")
     x, _, state = chunk()
     x = x.clone().requires_grad_(True)
@@ -162,27 +169,31 @@ def test_a_is_truncated_at_every_tick():
 
 
 def test_tick_targets_on_a_hand_made_stream():
-    digits = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 3]).view(12, 1)  # blocks [3 1 4] [1 5 9] [2 6 5] [3 5 3]
+    # blocks [3 1 4] [1 5 9] [2 6 5] [3 5 3]
+    digits = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 3]).view(12, 1)
     y_a, y_b, mask_a, mask_b = count_targets(digits, 3)
     block = DigitBlock(nn.functional.one_hot(digits, 10).float(), y_a, y_b, mask_a, mask_b, digits)
     a, b, ma, mb = tick_targets(block, 3)
-    assert a.flatten().tolist() == [2, 3, 1, 3]         # odd digits in each block
+    assert a.flatten().tolist() == [2, 3, 1, 3]  # odd digits in each block
     assert ma.flatten().tolist() == [1, 1, 1, 1]
-    assert b.flatten().tolist() == [0, 0, 1, 2]         # 3s in the last 9 digits, from the third tick on
+    assert b.flatten().tolist() == [0, 0, 1, 2]  # 3s in the last 9 digits, from the third tick on
     assert mb.flatten().tolist() == [0, 0, 1, 1]
 
 
 def test_training_chunks_line_up_with_the_ticks():
-    """Chunk after chunk, the rows the loop reads are the targets of the whole stream at its ticks."""
+    """Chunk after chunk, the rows the loop reads are the targets of the whole stream at its
+    ticks."""
     task = DigitCountTask(2, T, seed=4)
     blocks = [task.next_block(2 * T) for _ in range(4)]  # 4 chunks of 2 ticks
     digits = torch.cat([b.digits for b in blocks])
     y_a, y_b, mask_a, mask_b = count_targets(digits, T)
     got = [torch.cat(parts) for parts in zip(*(tick_targets(b, T) for b in blocks))]
     ticks = slice(T - 1, None, T)
-    for mine, want in zip(got, (y_a[ticks], y_b[ticks], mask_a[ticks], mask_b[ticks]), strict=True):
+    for mine, want in zip(got, (y_a[ticks], y_b[ticks], mask_a[ticks], mask_b[ticks]),
+                          strict=True):
         assert torch.equal(mine, want)
-    assert got[3].flatten().tolist()[:2 * (T - 1)] == [0] * 2 * (T - 1)  # B: fewer than T*T digits seen
+    # B: fewer than T*T digits seen
+    assert got[3].flatten().tolist()[:2 * (T - 1)] == [0] * 2 * (T - 1)
 
 
 # --------------------------------------------------------------------------- the preset
@@ -196,7 +207,8 @@ def tags_of(run_dir):
 
 def test_preset_is_the_coupling_sweep():
     cfg = make_cfg("experiment=two_timescale", "profile=cpu")
-    assert cfg.model.family == "hrnn" and cfg.name == "two_timescale" and cfg.dni.cuts == ["message"]
+    assert (cfg.model.family == "hrnn" and cfg.name == "two_timescale"
+            and cfg.dni.cuts == ["message"])
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         full = compose("config", overrides=["experiment=two_timescale"], return_hydra_config=True)
     assert str(full.hydra.sweeper.params["model.coupling"]).split(",") == list(COUPLINGS)
@@ -205,13 +217,15 @@ def test_preset_is_the_coupling_sweep():
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_every_coupling_runs_under_smoke(coupling, tmp_path):
     cfg = make_cfg("experiment=two_timescale", "profile=smoke", f"model.coupling={coupling}")
-    assert cfg.data.mode == "images" and cfg.data.images == "synthetic"  # generated images, no MNIST
+    # generated images, no MNIST
+    assert cfg.data.mode == "images" and cfg.data.images == "synthetic"
     metrics = run(cfg, tmp_path)
     assert metrics["steps"] == 4 and metrics["primary"] == metrics["error_b"]
     assert 0 <= metrics["error_a"] <= 100 and 0 <= metrics["error_b"] <= 100
     assert [h[0] for h in metrics["history"]] == [2, 4]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["config"]["model"]["coupling"] == coupling and summary["metrics"]["error_b"] == metrics["error_b"]
+    assert (summary["config"]["model"]["coupling"] == coupling
+            and summary["metrics"]["error_b"] == metrics["error_b"])
     tags = tags_of(tmp_path)
     assert {"error/A", "error/B", "loss/A", "loss/B"} <= tags
     dni_tags = {"dni/message/sg_loss", "dni/message/cosine"}
@@ -226,10 +240,12 @@ def test_digit_classes_and_default_image_options_run_under_smoke(data, tmp_path)
 
 
 def test_a_learns_to_count_odd_digits(tmp_path):
-    """Real learning, small: chance is about 62 % error (always answering the most frequent count)."""
+    """Real learning, small: chance is about 62 % error (always answering the most frequent
+    count)."""
     cfg = make_cfg("experiment=two_timescale", "profile=smoke", "data=digits",
-                   "train.steps=150", "train.eval_every=150", "train.log_every=150", "model.hidden_a=32",
-                   "train.batch_size=16", "optim.lr=1e-2", "data.eval_ticks=64", "data.eval_batch_size=16")
+                   "train.steps=150", "train.eval_every=150", "train.log_every=150",
+                   "model.hidden_a=32", "train.batch_size=16", "optim.lr=1e-2",
+                   "data.eval_ticks=64", "data.eval_batch_size=16")
     metrics = run(cfg, tmp_path)
     assert metrics["baseline_a"] > 50 and metrics["error_a"] < 20
 
@@ -240,7 +256,8 @@ def test_a_learns_to_count_odd_digits(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("model.T=0", ["model.T must be >= 1 (got 0)", "model.T=3"]),
     ("model.T=-2", ["model.T must be >= 1", "model.T=3"]),
-    ("model.coupling=sometimes", ["model.coupling must be one of none, dni, bptt", "model.coupling=dni"]),
+    ("model.coupling=sometimes",
+     ["model.coupling must be one of none, dni, bptt", "model.coupling=dni"]),
     ("model.truncation_b=0", ["model.truncation_b must be >= 1", "model.truncation_b=6"]),
     ("data.mode=pixels", ["data.mode must be one of classes, images", "data.mode=classes"]),
     ("dni=none", ["model.coupling=dni needs a synthesizer", "dni=message"]),
@@ -286,7 +303,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, monk
     monkeypatch.undo()
     assert not (tmp_path / "cut" / "summary.json").exists()
     resumed = run(cfg, tmp_path / "cut")
-    drop = lambda m: {k: v for k, v in m.items() if k not in ("minutes", "seconds") and not k.endswith("_per_sec")}
+    drop = lambda m: {k: v for k, v in m.items()
+                      if k not in ("minutes", "seconds") and not k.endswith("_per_sec")}
     assert drop(resumed) == drop(whole)
     a, b = torch.load(tmp_path / "whole" / "model.pt"), torch.load(tmp_path / "cut" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -178,7 +178,8 @@ def test_truncated_step_is_the_written_out_algorithm_bit_for_bit(aux, kind):
 
 @pytest.mark.parametrize("boot", [1.0, 0.0])
 def test_bootstrap_scale_sets_the_targets_factor_and_only_the_target(boot):
-    """dni.bootstrap_scale b: target B (dL/ds0 + b J^T M(s_k) / B); the core still gets scale * M."""
+    """dni.bootstrap_scale b: target B (dL/ds0 + b J^T M(s_k) / B); the core still gets
+    scale * M."""
     x, y, mask, _, state = block()
     a, b = recurrent_net(), recurrent_net()
     b.bootstrap_scale = boot
@@ -205,7 +206,8 @@ def test_bootstrap_scale_equal_to_scale_is_the_default_bit_for_bit():
     x, y, mask, _, state = block()
     a, b = recurrent_net(), recurrent_net()
     b.bootstrap_scale = b.scale
-    ref, got = truncated_step(a, x, y, mask, state, step_loss), truncated_step(b, x, y, mask, state, step_loss)
+    ref, got = (truncated_step(a, x, y, mask, state, step_loss),
+                truncated_step(b, x, y, mask, state, step_loss))
     assert torch.equal(ref.sg_loss, got.sg_loss)
     assert all(torch.equal(u, v) for u, v in zip(grads(a), grads(b)))
 

@@ -52,8 +52,10 @@ def test_one_stage_is_the_in_process_run(tmp_path):
 def test_two_stages_without_overlap_equal_in_process_dni_bit_for_bit(tmp_path):
     m_in, w_in = trained(tmp_path, "in", "dni=every_layer", "model.layers=4", env=ONE_THREAD)
     m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=every_layer", "model.layers=4", *PIPE,
-                             "runtime.stages=2", "runtime.max_inflight=1", "runtime.boundaries=[h2]")
-    assert_same_weights(w_in, w_pipe)  # synthesizers and BatchNorm statistics included
+                             "runtime.stages=2", "runtime.max_inflight=1",
+                             "runtime.boundaries=[h2]")
+    # synthesizers and BatchNorm statistics included
+    assert_same_weights(w_in, w_pipe)
     assert m_in["history"] == m_pipe["history"]
     assert m_pipe["staleness"] == {"h2": {"mean": 0.0, "max": 0}}
 
@@ -66,25 +68,28 @@ def test_cdni_three_stages_without_overlap_equal_in_process(tmp_path):
 
 
 def test_locked_pipeline_with_learning_synthesizers_equals_train_only(tmp_path):
-    # dni.mode=train_only: the true gradient crosses the stages, the synthesizers still learn from it
+    # dni.mode=train_only: the true gradient crosses the stages,
+    # the synthesizers still learn from it
     only = ["dni=every_layer", "dni.mode=train_only", "model.layers=4"]
     _, w_in = trained(tmp_path, "in", *only, env=ONE_THREAD)
-    m_pipe, w_pipe = trained(tmp_path, "pipe", *only, *PIPE, "runtime.stages=2", "runtime.max_inflight=3")
+    m_pipe, w_pipe = trained(tmp_path, "pipe", *only, *PIPE, "runtime.stages=2",
+                             "runtime.max_inflight=3")
     assert_same_weights(w_in, w_pipe)
     assert m_pipe["locked"] is True
 
 
 def test_locked_pipeline_is_backprop(tmp_path):
     _, w_in = trained(tmp_path, "in", "dni=none", "model.layers=4", env=ONE_THREAD)
-    m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=none", "model.layers=4", *PIPE, "runtime.stages=3")
+    m_pipe, w_pipe = trained(tmp_path, "pipe", "dni=none", "model.layers=4", *PIPE,
+                             "runtime.stages=3")
     assert_same_weights(w_in, w_pipe)
     assert m_pipe["locked"] is True and m_pipe["staleness"] == {}
 
 
 def test_overlap_changes_the_run_and_staleness_stays_bounded(tmp_path):
     _, w_in = trained(tmp_path, "in", "dni=every_layer", env=ONE_THREAD)
-    m, w = trained(tmp_path, "pipe", "dni=every_layer", *PIPE, "runtime.max_inflight=3", "train.steps=30",
-                   "train.eval_every=10")
+    m, w = trained(tmp_path, "pipe", "dni=every_layer", *PIPE, "runtime.max_inflight=3",
+                   "train.steps=30", "train.eval_every=10")
     stale = m["staleness"]["h1"]
     assert 0 <= stale["mean"] <= stale["max"] <= 2  # at most max_inflight - 1 steps late
     assert m["samples_per_sec"] > 0 and len(m["seconds"]) == len(m["history"]) == 3
@@ -99,9 +104,10 @@ def test_complete_unlock_two_stages_without_overlap_equal_in_process(tmp_path):
     # stage 1 runs on I(x) from its own copy of the batches; h from stage 0 only trains I
     unlock = ["dni=complete_unlock", "model.layers=4"]
     m_in, w_in = trained(tmp_path, "in", *unlock, env=ONE_THREAD)
-    m_pipe, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=2", "runtime.max_inflight=1",
-                             "runtime.boundaries=[h2]")
-    assert_same_weights(w_in, w_pipe)  # input models, synthesizers and BatchNorm statistics included
+    m_pipe, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=2",
+                             "runtime.max_inflight=1", "runtime.boundaries=[h2]")
+    # input models, synthesizers and BatchNorm statistics included
+    assert_same_weights(w_in, w_pipe)
     assert m_in["history"] == m_pipe["history"]
     assert m_pipe["staleness"] == {"h2": {"mean": 0.0, "max": 0, "input_mean": 0.0, "input_max": 0}}
 
@@ -109,27 +115,31 @@ def test_complete_unlock_two_stages_without_overlap_equal_in_process(tmp_path):
 def test_complete_unlock_cdni_three_stages_without_overlap_equal_in_process(tmp_path):
     unlock = ["dni=complete_unlock_cdni", "model.layers=4"]
     _, w_in = trained(tmp_path, "in", *unlock, env=ONE_THREAD)
-    _, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=3", "runtime.max_inflight=1")
+    _, w_pipe = trained(tmp_path, "pipe", *unlock, *PIPE, "runtime.stages=3",
+                        "runtime.max_inflight=1")
     assert_same_weights(w_in, w_pipe)
 
 
 def test_complete_unlock_overlap_bounds_both_stalenesses(tmp_path):
-    m, _ = trained(tmp_path, "pipe", "dni=complete_unlock", *PIPE, "runtime.max_inflight=3", "train.steps=30",
-                   "train.eval_every=10")
+    m, _ = trained(tmp_path, "pipe", "dni=complete_unlock", *PIPE, "runtime.max_inflight=3",
+                   "train.steps=30", "train.eval_every=10")
     stale = m["staleness"]["h1"]
-    assert 0 <= stale["mean"] <= stale["max"] <= 2 and 0 <= stale["input_mean"] <= stale["input_max"] <= 2
+    assert (0 <= stale["mean"] <= stale["max"] <= 2
+            and 0 <= stale["input_mean"] <= stale["input_max"] <= 2)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "pipe" / "tb" / "pipeline")).Reload()
-    assert {"pipeline/h1/input_staleness_mean", "pipeline/h1/input_staleness_max", "dni/h1/input_loss",
-            "dni/h1/sg_loss"} <= set(events.Tags()["scalars"])
+    assert {"pipeline/h1/input_staleness_mean", "pipeline/h1/input_staleness_max",
+            "dni/h1/input_loss", "dni/h1/sg_loss"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize("dni, stages", [("every_layer", "2"), ("complete_unlock", "3")])
 def test_stochastic_updates_without_overlap_equal_in_process(tmp_path, dni, stages):
-    # every stage draws all groups' coins; skipped boundary synthesizers and input models stay put too
+    # every stage draws all groups' coins;
+    # skipped boundary synthesizers and input models stay put too
     sto = [f"dni={dni}", "model.layers=4", "train.update_prob=0.5"]
     _, w_in = trained(tmp_path, "in", *sto, env=ONE_THREAD)
-    _, w_pipe = trained(tmp_path, "pipe", *sto, *PIPE, f"runtime.stages={stages}", "runtime.max_inflight=1")
+    _, w_pipe = trained(tmp_path, "pipe", *sto, *PIPE, f"runtime.stages={stages}",
+                        "runtime.max_inflight=1")
     _, w_all = trained(tmp_path, "all", f"dni={dni}", "model.layers=4", env=ONE_THREAD)
     assert_same_weights(w_in, w_pipe)
     assert not all(torch.equal(w_in[k], w_all[k]) for k in w_in)  # the coins did skip updates
@@ -140,12 +150,14 @@ def test_stochastic_updates_without_overlap_equal_in_process(tmp_path, dni, stag
     (["runtime.stages=0"], ["runtime.stages must be >= 1"]),
     (["runtime.boundaries=[h7]"], ["no cut named 'h7'", "h1, h2"]),
     (["model.layers=4", "runtime.stages=3", "runtime.boundaries=[h1]"], ["needs 2 different cuts"]),
-    (["dni.cuts=[h1]", "model.layers=4", "runtime.boundaries=[h2]"], ["boundary h2 has no interface"]),
+    (["dni.cuts=[h1]", "model.layers=4", "runtime.boundaries=[h2]"],
+     ["boundary h2 has no interface"]),
     (["runtime.max_inflight=0"], ["runtime.max_inflight must be >= 1"]),
     (["model=rnn", "data=copy"], ["runtime=pipeline runs feed-forward models"]),
 ])
 def test_bad_pipeline_settings_are_one_line(tmp_path, overrides, words):
-    done = sgrun(*TINY, "dni=every_layer", *PIPE, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    done = sgrun(*TINY, "dni=every_layer", *PIPE, *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                 cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-1500:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
@@ -156,17 +168,18 @@ def test_port_in_use_is_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        done = sgrun(*TINY, "dni=every_layer", *PIPE, f"runtime.port={port}", f"hydra.run.dir={tmp_path / 'r'}",
-                     cwd=tmp_path)
+        done = sgrun(*TINY, "dni=every_layer", *PIPE, f"runtime.port={port}",
+                     f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip() == (f"sgrun: error: runtime.port={port} is in use: set runtime.port=0 (any free "
-                                   "port) or another port")
+    assert done.stderr.strip() == (f"sgrun: error: runtime.port={port} is in use: "
+                                   "set runtime.port=0 (any free port) or another port")
 
 
 def test_auto_boundaries_balance_the_synthesizers():
     # 4-layer FCN with DNI: three 1024-wide synthesizers dominate; 2 stages put one of them below
     # and two above (h1), 3 stages one synthesizer each
-    cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=4", "dni=every_layer", "runtime=pipeline")
+    cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=4", "dni=every_layer",
+                   "runtime=pipeline")
     model = full_model(cfg, (1, 28, 28), 10)
     assert plan_split(model, cfg.runtime).boundaries == ("h1",)
     cfg.runtime.stages = 3
@@ -179,11 +192,13 @@ def test_auto_boundaries_balance_the_synthesizers():
 def test_input_synthesizer_is_counted_above_its_cut():
     # I(x) of cut h1 runs in the stage above h1, so it adds to the cost of block 2, not block 1
     def costs(dni):
-        cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=3", f"dni={dni}", "runtime=pipeline")
+        cfg = make_cfg("data=synthetic", "model=fcn", "model.layers=3", f"dni={dni}",
+                       "runtime=pipeline")
         return block_costs(full_model(cfg, (1, 28, 28), 10))
 
     dni, unlock = costs("every_layer"), costs("complete_unlock")
-    i_cost = 784 * 1024 + 1024 * 1024 + 1024 * 256  # two hidden layers of 1024, then the cut's 256 units
+    # two hidden layers of 1024, then the cut's 256 units
+    i_cost = 784 * 1024 + 1024 * 1024 + 1024 * 256
     assert unlock[0] == dni[0]
     assert unlock[1] == dni[1] + 2 * i_cost  # I of h1, and I of h2 (whose consumer is the head)
 
@@ -192,7 +207,8 @@ def test_input_synthesizer_is_counted_above_its_cut():
 
 
 def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
     return [int(p) for p in out.split()]
 
 
@@ -208,10 +224,11 @@ def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     """A pipeline run that trains long enough to be interrupted; returns it and its stage pids."""
     env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data")}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "sgrun", *TINY, "dni=every_layer", *PIPE, "train.steps=100000",
-                             "train.eval_every=100000", f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "sgrun", *TINY, "dni=every_layer", *PIPE,
+                             "train.steps=100000", "train.eval_every=100000",
+                             f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     deadline = time.time() + 120
     stages: list[int] = []
     while time.time() < deadline:
@@ -230,7 +247,8 @@ def test_a_stage_that_dies_stops_all_with_one_line(tmp_path):
     os.kill(stages[-1], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("sgrun: error: pipeline stage 1 was killed (SIGKILL)")
+    assert err.strip().splitlines()[-1].startswith(
+        "sgrun: error: pipeline stage 1 was killed (SIGKILL)")
     time.sleep(0.5)
     assert not any(alive(p) for p in stages)
 
@@ -252,9 +270,10 @@ def test_torchrun_launch(tmp_path):
     env = {**os.environ, "SGRUN_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     folder = tmp_path / "tr"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "sgrun", *TINY, "dni=every_layer", "model.layers=4", "runtime=pipeline",
-                           "runtime.max_inflight=1", "runtime.boundaries=[h2]", f"hydra.run.dir={folder}"],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "sgrun", *TINY, "dni=every_layer",
+                           "model.layers=4", "runtime=pipeline", "runtime.max_inflight=1",
+                           "runtime.boundaries=[h2]", f"hydra.run.dir={folder}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     _, w_in = trained(tmp_path, "in", "dni=every_layer", "model.layers=4", env=ONE_THREAD)

@@ -1,8 +1,9 @@
 """make reproduce / make report: tables, claims, figures, resumable sweeps, launchers.
 
-Most tests build run folders by hand in the layout ``sgrun -m`` leaves (``.hydra/``, ``summary.json``
-or ``FAILED``, TensorBoard events in ``tb/`` written with torch's ``SummaryWriter``); one runs the
-real ``sgrun`` through ``experiments/reproduce.py`` on a generated dataset.
+Most tests build run folders by hand in the layout ``sgrun -m`` leaves (``.hydra/``,
+``summary.json`` or ``FAILED``, TensorBoard events in ``tb/`` written with torch's
+``SummaryWriter``); one runs the real ``sgrun`` through ``experiments/reproduce.py`` on a generated
+dataset.
 """
 
 import json
@@ -29,16 +30,20 @@ import tables  # noqa: E402
 from rundirs import load_run, load_runs  # noqa: E402
 from tables import Table  # noqa: E402
 
-CIFAR_MISSING = "CIFAR-10 not found in data/cifar10 (missing cifar-10-batches-py/data_batch_1): download ..."
+CIFAR_MISSING = ("CIFAR-10 not found in data/cifar10 (missing cifar-10-batches-py/data_batch_1): "
+                 "download ...")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(runs: Path, preset: str, job: str, *, dni: str, seed: int = 0, metrics: dict | None = None,
-             scalars: dict | None = None, failed: str | None = None, **config) -> Path:
-    """A job folder as sgrun -m leaves it; ``config`` keys are paths with "__" ("model__layers")."""
+def make_run(runs: Path, preset: str, job: str, *, dni: str, seed: int = 0,
+             metrics: dict | None = None, scalars: dict | None = None, failed: str | None = None,
+             **config) -> Path:
+    """A job folder as sgrun -m leaves it; ``config`` keys are paths with "__"
+    ("model__layers")."""
     folder = runs / "smoke" / preset / job
     (folder / ".hydra").mkdir(parents=True)
-    cfg = {"name": preset, "seed": seed, "profile": {"name": "smoke"}, "train": {"steps": 4}, "optim": {"lr": 3e-4}}
+    cfg = {"name": preset, "seed": seed, "profile": {"name": "smoke"}, "train": {"steps": 4},
+           "optim": {"lr": 3e-4}}
     for path, value in config.items():
         node = cfg
         *parents, leaf = path.split("__")
@@ -47,7 +52,8 @@ def make_run(runs: Path, preset: str, job: str, *, dni: str, seed: int = 0, metr
         node[leaf] = value
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     choices = {"experiment": preset, "dni": dni, "profile": "smoke"}
-    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
+    (folder / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}}))
     if scalars:
         writer = SummaryWriter(log_dir=str(folder / "tb"))
         for tag, points in scalars.items():
@@ -86,7 +92,8 @@ def copy_run(runs: Path, k: int, dni: str, largest_n: int, key: str = "model__k"
 @pytest.fixture
 def runs(tmp_path):
     root = tmp_path / "runs"
-    # MNIST FCN: cDNI within 0.5 points of Bprop at both depths, DNI worse when deeper; two seeds of Bprop
+    # MNIST FCN: cDNI within 0.5 points of Bprop at both depths, DNI worse when deeper;
+    # two seeds of Bprop
     mnist_fcn(root, 3, "none", [9.0, 4.0, 2.0], seed=0)
     mnist_fcn(root, 3, "none", [9.0, 4.0, 2.2], seed=1)
     mnist_fcn(root, 3, "every_layer", [9.0, 5.0, 3.0])
@@ -94,7 +101,8 @@ def runs(tmp_path):
     mnist_fcn(root, 4, "none", [9.0, 4.0, 2.0])
     mnist_fcn(root, 4, "every_layer", [9.0, 6.0, 4.5])
     mnist_fcn(root, 4, "cdni", [9.0, 4.0, 2.4])
-    # Copy: DNI 1.25x BPTT at k=3 (not the paper's "about twice"), 2x at k=5; k lives in train.k there
+    # Copy: DNI 1.25x BPTT at k=3 (not the paper's "about twice"), 2x at k=5;
+    # k lives in train.k there
     copy_run(root, 3, "none", 8)
     copy_run(root, 3, "every_k", 10)
     copy_run(root, 5, "none", 8, key="train__k")
@@ -118,13 +126,17 @@ def claim_row(text: str, claim: str) -> str:
 
 def test_cells_read_ours_then_paper(runs, tmp_path):
     text = write(runs, tmp_path / "out")
-    # Bprop at 3 layers: two seeds, mean ± sample std; fewer seeds elsewhere and depths without runs say so
-    assert table_row(text, "3") == "| 3 | 2.10 ± 0.14 (–) | 3.00 [1 of 2 seeds] (–) | 2.30 [1 of 2 seeds] (–) |"
+    # Bprop at 3 layers: two seeds, mean ± sample std;
+    # fewer seeds elsewhere and depths without runs say so
+    assert table_row(text, "3") == ("| 3 | 2.10 ± 0.14 (–) | 3.00 [1 of 2 seeds] (–) | "
+                                    "2.30 [1 of 2 seeds] (–) |")
     assert table_row(text, "5") == "| 5 | not run (–) | not run (–) | not run (–) |"
     # Table 1: our largest N next to the paper's; k found under model.k or train.k
     copy_rows = [line for line in text.splitlines() if line.startswith("| Copy, largest N |")]
-    assert copy_rows[0] == ("| Copy, largest N | BPTT | not run (7) | 8 (8) | not run (10) | 8 (8) | not run (–) |")
-    assert copy_rows[1].startswith("| Copy, largest N | DNI | not run (16) | 10 (14) | not run (18) | 16 (18) |")
+    assert copy_rows[0] == ("| Copy, largest N | BPTT | not run (7) | 8 (8) | not run (10) | "
+                            "8 (8) | not run (–) |")
+    assert copy_rows[1].startswith("| Copy, largest N | DNI | not run (16) | 10 (14) | "
+                                   "not run (18) | 16 (18) |")
     # the paper's Repeat Copy numbers stand next to N·R, not N
     assert "| Repeat Copy, largest N | BPTT | not run (–) |" in text
     assert "| Repeat Copy, largest N·R (time dependency) | BPTT | not run (7) |" in text
@@ -207,9 +219,11 @@ def test_converges_faster_on_per_run_first_reach(tmp_path, dni_curves, verdict):
 def test_missing_dataset_cells_and_runs_table(runs, tmp_path):
     text = write(runs, tmp_path / "out")
     cifar = text.split("## CIFAR-10, fully connected networks")[1]
-    assert table_row(cifar, "3").startswith("| 3 | dataset not available (–) | not run (–) | not run (–) |")
+    assert table_row(cifar, "3").startswith(
+        "| 3 | dataset not available (–) | not run (–) | not run (–) |")
     assert "1 failed (1 because their dataset is not available)" in text
-    assert "| cifar10_fcn | 0 | 1 | 0 | 0 | – | 0.0 | dataset not available: CIFAR-10 not found" in text
+    assert ("| cifar10_fcn | 0 | 1 | 0 | 0 | – | 0.0 | dataset not available: CIFAR-10 not found"
+            in text)
     assert "| mnist_cnn | 0 | 0 | 0 | – | – | 0.0 | not run |" in text
 
 
@@ -344,16 +358,19 @@ def test_the_report_opens_with_a_summary_of_the_verdicts(tmp_path):
     assert lines[6] == "## Summary"
     summary = text.split("## Summary")[1].split("\n## ")[0]
     claims = len(report.load_reference()["claims"])
-    assert (f"Of the paper's {claims} claims, on our numbers: 1 held, 1 not held, 1 not decided at this "
-            f"budget, {claims - 3} no data. Profile `smoke`: 7.0 minutes of training in all.") in summary
+    assert (f"Of the paper's {claims} claims, on our numbers: 1 held, 1 not held, "
+            f"1 not decided at this budget, {claims - 3} no data. "
+            "Profile `smoke`: 7.0 minutes of training in all.") in summary
     groups = [line for line in summary.splitlines() if line.endswith("):")]
     assert groups == ["**held** (1):", "**not held** (1):", "not decided at this budget (1):",
-                      f"no data ({claims - 3}):", "Ablations (ours, not claims of the paper; same rule):"]
+                      f"no data ({claims - 3}):",
+                      "Ablations (ours, not claims of the paper; same rule):"]
     assert summary.rstrip().endswith(f"- {ABLATION}: no data")
     held = summary.split("**held** (1):")[1].split("**not held**")[0]
     assert held.strip() == f"- {COPY_CLAIM} (3 v 3 seeds, 4 steps)"
     assert f"- {CDNI_CLAIM} (3 v 3 seeds, 4 steps)" in summary.split("**not held** (1):")[1]
-    undecided = summary.split("not decided at this budget (1):")[1].split(f"no data ({claims - 3}):")[0]
+    undecided = (summary.split("not decided at this budget (1):")[1]
+                 .split(f"no data ({claims - 3}):")[0])
     assert undecided.strip() == ("- DNI degrades as the MNIST FCN gets deeper (1 v 1 seeds, "
                                  "4 steps); would decide: 3 seeds per cell")
     assert "- On PTB, DNI gives lower test BPC than BPTT at the same k\n" in summary
@@ -412,7 +429,8 @@ def test_the_bootstrap_ablation_is_decided_with_three_seeds(tmp_path):
 def test_claim_thresholds_agree_with_the_papers_own_numbers():
     reference = report.load_reference()
     tables = report.build_tables(reference, [])
-    verdicts = {c["text"]: report.evaluate(c, tables, on_paper=True).verdict for c in reference["claims"]}
+    verdicts = {c["text"]: report.evaluate(c, tables, on_paper=True).verdict
+                for c in reference["claims"]}
     checked = {text: v for text, v in verdicts.items() if v != "no data"}
     assert len(checked) >= 4  # Copy, Repeat Copy, Aux, PTB, CIFAR-10 CNN
     assert set(checked.values()) == {"held"}, checked
@@ -422,14 +440,17 @@ def test_figures_are_png_files_and_missing_ones_are_noted(runs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "fig_ptb_valid_bpc.png").write_bytes(PNG + b"from older runs")
-    # a Repeat Copy run too short to solve a level has no curve against samples: the fallback is drawn
+    # a Repeat Copy run too short to solve a level has no curve against samples:
+    # the fallback is drawn
     make_run(runs, "table1_repeat_copy", "3_none", dni="none", model__k=3, metrics={"largest_n": 0},
              scalars={"curriculum/largest_solved": [(2, 0.0), (4, 0.0)]})
     text = write(runs, out)
-    for name in ("fig_mnist_fcn_test_error.png", "fig_copy_largest_n.png", "fig_repeat_copy_largest_n.png"):
+    for name in ("fig_mnist_fcn_test_error.png", "fig_copy_largest_n.png",
+                 "fig_repeat_copy_largest_n.png"):
         assert (out / name).read_bytes()[:8] == PNG
         assert f"]({name})" in text
-    assert "Note: drawn from `curriculum/largest_solved`" in text.split("fig_repeat_copy_largest_n.png")[1]
+    assert ("Note: drawn from `curriculum/largest_solved`"
+            in text.split("fig_repeat_copy_largest_n.png")[1])
     # no PTB runs: no figure (the stale one is gone) and a note instead
     assert not (out / "fig_ptb_valid_bpc.png").exists()
     assert "*Penn Treebank, validation BPC against samples seen*: not drawn" in text
@@ -440,8 +461,9 @@ def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
     for p in (1.0, 0.2, 0.05):
         for dni in ("every_layer", "cdni"):
             err = 2 + 0.1 / p
-            make_run(runs, "mnist_fcn_update_prob", f"{p}_{dni}", dni=dni, model__name="fcn", model__layers=4,
-                     data__name="mnist", train__update_prob=p, metrics={"test_error": err},
+            make_run(runs, "mnist_fcn_update_prob", f"{p}_{dni}", dni=dni, model__name="fcn",
+                     model__layers=4, data__name="mnist", train__update_prob=p,
+                     metrics={"test_error": err},
                      scalars={"error/test": [(1000, 3 * err), (2000, err)]})
     for seed in (1, 2):  # three seeds where the claim is tested
         make_run(runs, "mnist_fcn_update_prob", f"0.05_cdni_{seed}", dni="cdni", seed=seed,
@@ -460,7 +482,8 @@ def test_later_experiments_fill_their_tables_claims_and_figures(runs, tmp_path):
     updates = text.split("## Stochastic updates")[1]
     assert table_row(updates, "0.2").startswith(
         "| 0.2 | 2.50 [1 of 3 seeds] (–) | 2.50 [1 of 3 seeds] (3.05) |")
-    assert table_row(updates, "0.5") == "| 0.5 | not run (–) | not run (–) | not run (–) | not run (–) |"
+    assert (table_row(updates, "0.5")
+            == "| 0.5 | not run (–) | not run (–) | not run (–) | not run (–) |")
     assert table_row(text, "DNI") == "| DNI | 0.10 ± 0.00 (–) | 0.31 ± 0.01 (–) |"
     under = claim_row(text, "With stochastic updates, cDNI still trains at update_prob 0.05")
     assert verdict_of(under) == "held" and "update_prob=0.05: 3 seeds, Δ -5.9, p < 0.001" in under
@@ -477,7 +500,8 @@ def test_error_bands_average_seeds(runs):
     specs = {t["id"]: t for t in report.load_reference()["tables"]}
     table = Table(specs["mnist_fcn"], load_runs(runs / "smoke"))
     xs, mean, std = mean_curve(table.curve_runs("3", "Bprop"), "error/test")
-    assert list(xs) == [100, 200, 300] and mean[-1] == pytest.approx(2.1) and std[-1] == pytest.approx(0.1414, abs=1e-3)
+    assert (list(xs) == [100, 200, 300] and mean[-1] == pytest.approx(2.1)
+            and std[-1] == pytest.approx(0.1414, abs=1e-3))
     # curriculum staircases of two seeds that solved their levels after different numbers of samples
     copy_run(runs, 2, "every_k", 8, seed=0, solved_at=(100, 200, 300))
     copy_run(runs, 2, "every_k", 4, seed=1, solved_at=(150, 250, 350))
@@ -491,13 +515,15 @@ def test_error_bands_average_seeds(runs):
     (None, [(100, 9.0), (200, 4.0), (300, 2.0)]),  # started again from scratch: the new curve only
     (201, [(100, 50.0), (200, 40.0), (300, 2.0)]),  # resumed from a checkpoint at step 200: joined
 ])
-def test_event_files_of_an_interrupted_run_are_joined_as_tensorboard_does(tmp_path, purge_step, expected):
+def test_event_files_of_an_interrupted_run_are_joined_as_tensorboard_does(tmp_path, purge_step,
+                                                                           expected):
     # the first run logged up to step 300 and was killed; then a second writer in the same tb/
     root = tmp_path / "runs"
     folder = make_run(root, "mnist_fcn", "0", dni="none", model__layers=3,
                       scalars={"error/test": [(100, 50.0), (200, 40.0), (300, 30.0)]})
     first = next((folder / "tb").glob("events*"))
-    first.rename(first.with_name("events.out.tfevents.1000000000.host.1.0"))  # older than the next one
+    # older than the next one
+    first.rename(first.with_name("events.out.tfevents.1000000000.host.1.0"))
     writer = SummaryWriter(log_dir=str(folder / "tb"), purge_step=purge_step)
     for step, value in expected:
         if purge_step is None or step >= purge_step:
@@ -520,25 +546,30 @@ sweep, outcome = Path(sys.argv[1]), sys.argv[2]
 job = sweep / "0_job"
 (job / ".hydra").mkdir(parents=True, exist_ok=True)
 if outcome == "finished":
-    (job / "summary.json").write_text(json.dumps({"status": "finished", "metrics": {}, "choices": {}, "config": {}}))
+    (job / "summary.json").write_text(json.dumps({"status": "finished", "metrics": {},
+                                                  "choices": {}, "config": {}}))
 else:
     (job / "FAILED").write_text(outcome)
 sys.exit(0 if outcome == "finished" else 1)
 """
 
 
-@pytest.mark.parametrize("cifar_error,code", [(CIFAR_MISSING, 0), ("RuntimeError: out of memory", 1)])
-def test_a_failing_preset_does_not_stop_the_others(tmp_path, monkeypatch, capsys, cifar_error, code):
+@pytest.mark.parametrize("cifar_error,code",
+                         [(CIFAR_MISSING, 0), ("RuntimeError: out of memory", 1)])
+def test_a_failing_preset_does_not_stop_the_others(tmp_path, monkeypatch, capsys, cifar_error,
+                                                   code):
     fake = tmp_path / "fake_sgrun.py"
     fake.write_text(FAKE_SGRUN)
     outcomes = {"cifar10_fcn": cifar_error, "mnist_fcn": "finished"}
     monkeypatch.setattr(reproduce, "sgrun_command",
-                        lambda preset, profile, sweep_dir, *_: [sys.executable, str(fake), str(sweep_dir), outcomes[preset]])
+                        lambda preset, profile, sweep_dir, *_: [sys.executable, str(fake),
+                                                                str(sweep_dir), outcomes[preset]])
     # mnist_fcn failed last time: its stale FAILED must go once it finishes
     stale = tmp_path / "runs" / "smoke" / "mnist_fcn" / "0_job"
     (stale / ".hydra").mkdir(parents=True)
     (stale / "FAILED").write_text("killed")
-    assert reproduce.main(["--profile", "smoke", "--only", "cifar10_fcn,mnist_fcn", "--runs", str(tmp_path / "runs")]) == code
+    assert reproduce.main(["--profile", "smoke", "--only", "cifar10_fcn,mnist_fcn",
+                           "--runs", str(tmp_path / "runs")]) == code
     out = capsys.readouterr().out
     assert "cifar10_fcn" in out and "0/1 runs finished (0 before), 1 failed" in out
     assert re.search(r"mnist_fcn +1/1 runs finished \(0 before\), 0 failed", out)
@@ -547,7 +578,8 @@ def test_a_failing_preset_does_not_stop_the_others(tmp_path, monkeypatch, capsys
 
 
 def test_reproduce_skips_finished_runs_and_redoes_unfinished_ones(tmp_path):
-    """The real sgrun, 2 jobs of mnist_fcn on generated data: run, lose one run (as if killed), run again."""
+    """The real sgrun, 2 jobs of mnist_fcn on generated data: run, lose one run (as if killed), run
+    again."""
     args = ["--profile", "smoke", "--only", "mnist_fcn", "--runs", str(tmp_path),
             "--", "data=synthetic", "device=cpu", "model.layers=3", "dni=none,cdni"]
     assert reproduce.main(args) == 0
@@ -565,7 +597,8 @@ def test_reproduce_skips_finished_runs_and_redoes_unfinished_ones(tmp_path):
 
 def launcher(*overrides: str):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=mnist_fcn", *overrides], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["experiment=mnist_fcn", *overrides],
+                      return_hydra_config=True)
     return cfg.hydra.launcher
 
 
@@ -593,7 +626,8 @@ def t_density(x: float, df: float) -> float:
 
 
 def integrated_p(t: float, df: float, intervals: int = 20_000) -> float:
-    """Two-sided p of Student's t by Simpson's rule on the density: 1 - 2 * integral over [0, |t|]."""
+    """Two-sided p of Student's t by Simpson's rule on the density: 1 - 2 * integral over
+    [0, |t|]."""
     h = abs(t) / intervals
     inner = sum((4 if i % 2 else 2) * t_density(i * h, df) for i in range(1, intervals))
     area = h / 3 * (t_density(0.0, df) + inner + t_density(abs(t), df))
@@ -662,7 +696,8 @@ def test_a_full_disk_leaves_the_previous_report_whole(runs, tmp_path, monkeypatc
 
 def test_a_corrupt_summary_is_reported_not_skipped(runs, tmp_path):
     """A summary.json cut short counts as unfinished, and the report names it."""
-    job = next(p for p in sorted((runs / "smoke" / "mnist_fcn").iterdir()) if (p / "summary.json").exists())
+    job = next(p for p in sorted((runs / "smoke" / "mnist_fcn").iterdir())
+               if (p / "summary.json").exists())
     (job / "summary.json").write_text('{"status": "finish')
     text = write(runs, tmp_path / "out")
     row = next(line for line in text.splitlines() if line.startswith("| mnist_fcn |"))

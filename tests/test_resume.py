@@ -18,8 +18,9 @@ from sgrun.train import run
 
 pytestmark = pytest.mark.slow  # several processes per test (make test-fast skips them)
 
-RUN = ["data=synthetic", "device=cpu", "dni=every_layer", "dni.synthesizer.hidden=32", "train.steps=120",
-       "train.batch_size=32", "train.log_every=20", "train.eval_every=40", "optim.lr=1e-3", "checkpoint.every=10"]
+RUN = ["data=synthetic", "device=cpu", "dni=every_layer", "dni.synthesizer.hidden=32",
+       "train.steps=120", "train.batch_size=32", "train.log_every=20", "train.eval_every=40",
+       "optim.lr=1e-3", "checkpoint.every=10"]
 
 
 def finished(folder):
@@ -50,7 +51,8 @@ def start_and_stop(tmp_path, sig, after_checkpoints=2):
                             stderr=subprocess.PIPE, text=True)
     ckpt, prev = tmp_path / "run" / ck.NAME, tmp_path / "run" / ck.PREVIOUS
     deadline = time.time() + 120
-    while not (ckpt.exists() and (after_checkpoints < 2 or prev.exists())) and time.time() < deadline:
+    while (not (ckpt.exists() and (after_checkpoints < 2 or prev.exists()))
+           and time.time() < deadline):
         time.sleep(0.005)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -64,7 +66,8 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, uninterrupt
     r = sgrun(*RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert_same_run(tmp_path / "run", uninterrupted)
-    assert not (tmp_path / "run" / ck.NAME).exists()  # a finished run keeps its summary and model only
+    # a finished run keeps its summary and model only
+    assert not (tmp_path / "run" / ck.NAME).exists()
 
 
 def test_sigterm_saves_and_says_how_to_continue(tmp_path, uninterrupted):
@@ -106,7 +109,8 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     code, _ = start_and_stop(tmp_path, signal.SIGKILL, after_checkpoints=1)
     before = (tmp_path / "run" / ck.NAME).read_bytes()
     r = sgrun(*RUN, "seed=7", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 2 and "checkpoint of a run with another config (seed: 0 -> 7)" in r.stderr
+    assert (r.returncode == 2
+            and "checkpoint of a run with another config (seed: 0 -> 7)" in r.stderr)
     assert "delete" not in r.stderr  # deleting would destroy the interrupted run
     r = sgrun(*RUN, "seed=7", f"resume={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 2 and "changes the interrupted run's config (seed: 0 -> 7)" in r.stderr
@@ -129,8 +133,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck.os, "fsync", no_space)
-    with pytest.raises(SgrunError, match=r"could not write checkpoint .*No space left.*the last good "
-                                         r"checkpoint \(step 1\) is kept.*resume="):
+    with pytest.raises(SgrunError, match=r"could not write checkpoint .*No space left.*"
+                                         r"the last good checkpoint \(step 1\) is kept.*resume="):
         ck.write_checkpoint(path, {"step": 2}, kept_step=1)
     assert path.read_bytes() == good
     assert not path.with_name(path.name + ".tmp").exists()

@@ -1,5 +1,6 @@
-"""Recurrent DNI (Jaderberg et al. 2017, sec. 3.1): gradient algebra of one truncated block, the Table 1
-presets under the smoke profile, and one-line errors for bad input.  CPU only, no network, no real data."""
+"""Recurrent DNI (Jaderberg et al. 2017, sec. 3.1): gradient algebra of one truncated block, the
+Table 1 presets under the smoke profile, and one-line errors for bad input.  CPU only, no network,
+no real data."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ B, IN, OUT, H, K = 5, 4, 3, 6, 3
 def net(scale=0.1, aux=False, dni=True, token_input=False, seed=0, input_size=IN, output_size=OUT):
     torch.manual_seed(seed)
     placement = Placement(("state",), SynthesizerSpec("linear"), scale=scale) if dni else None
-    model = RecurrentNet(input_size, output_size, hidden=H, token_input=token_input, placement=placement, aux=aux)
-    if model.synthesizer is not None:  # a synthesizer that says something (a fresh one returns zero)
+    model = RecurrentNet(input_size, output_size, hidden=H, token_input=token_input,
+                         placement=placement, aux=aux)
+    # a synthesizer that says something (a fresh one returns zero)
+    if model.synthesizer is not None:
         for p in model.synthesizer.parameters():
             nn.init.normal_(p, std=0.3)
     return model
@@ -94,9 +97,11 @@ def test_block_start_gradient_is_in_block_plus_scaled_injection():
 
 def test_zero_initialised_synthesizer_starts_as_plain_truncation():
     torch.manual_seed(0)
-    dni = RecurrentNet(IN, OUT, hidden=H, placement=Placement(("state",), SynthesizerSpec("linear"), scale=0.1))
+    dni = RecurrentNet(IN, OUT, hidden=H,
+                       placement=Placement(("state",), SynthesizerSpec("linear"), scale=0.1))
     bptt = RecurrentNet(IN, OUT, hidden=H)
-    bptt.load_state_dict({k: v for k, v in dni.state_dict().items() if not k.startswith("synthesizer")})
+    bptt.load_state_dict({k: v for k, v in dni.state_dict().items()
+                          if not k.startswith("synthesizer")})
     x, y, mask = copy_block()
     state = torch.randn(B, 2 * H)
     truncated_step(dni, x, y, mask, state, copy_step_loss)
@@ -150,9 +155,11 @@ def test_oracle_synthesizer_makes_truncated_bptt_equal_full_bptt(task):
     full = torch.autograd.grad(total, params + ends, allow_unused=True)
     full_params = full[: len(params)]
     # no loss after the last block: its end state's future gradient is zero
-    true_future = [torch.zeros_like(s) if g is None else g for s, g in zip(ends, full[len(params):])]
+    true_future = [torch.zeros_like(s) if g is None else g
+                   for s, g in zip(ends, full[len(params):])]
 
-    # Truncated BPTT, each block end given the true gradient of all later losses (per stream, scale 1).
+    # Truncated BPTT, each block end given the true gradient of all later losses
+    # (per stream, scale 1).
     table = [(s.detach(), B * gr) for s, gr in zip(ends, true_future)]
     model.synthesizer, model.scale, model.mode = OracleSynthesizer(table), 1.0, "synthetic"
     model.zero_grad()
@@ -174,30 +181,35 @@ def test_aux_loss_reaches_the_core_and_not_the_synthesizer_target():
     x_next = copy_block(seed=2)[0]
     no_targets = torch.zeros(K, B)  # no task loss: every core gradient comes from the aux loss
     state = torch.randn(B, 2 * H)
-    step = truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=1.0, x_next=x_next)
+    step = truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=1.0,
+                          x_next=x_next)
     assert float(step.aux_loss) > 0
     for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0"):
         assert getattr(model.lstm, name).grad.abs().sum() > 0, name
     assert model.aux_head.weight.grad.abs().sum() > 0
     assert model.head.weight.grad.abs().sum() == 0  # the read-out is not on the aux path
-    assert step.delta_start.abs().sum() == 0  # the aux gradient is no part of the synthesizer's target
+    # the aux gradient is no part of the synthesizer's target
+    assert step.delta_start.abs().sum() == 0
     synth_grads = grads(model.synthesizer.parameters())
 
     model.zero_grad()  # with aux_weight 0 the same block leaves the core untouched ...
     truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=0.0, x_next=x_next)
     assert model.lstm.weight_hh_l0.grad.abs().sum() == 0
-    for a, b in zip(synth_grads, grads(model.synthesizer.parameters())):  # ... and the synthesizer as it was
+    # ... and the synthesizer as it was
+    for a, b in zip(synth_grads, grads(model.synthesizer.parameters())):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="x_next"):
         truncated_step(model, x, y, no_targets, state, copy_step_loss, aux_weight=1.0)
 
 
 def lstm_by_hand(model, x, state):
-    """The LSTM equations step by step (gate order i, f, g, o), from ``state = [h, c]``: the end state."""
+    """The LSTM equations step by step (gate order i, f, g, o), from ``state = [h, c]``: the end
+    state."""
     lstm = model.lstm
     h, c = state[:, :H], state[:, H:]
     for x_t in x:
-        gates = x_t @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        gates = (x_t @ lstm.weight_ih_l0.T + lstm.bias_ih_l0
+                 + h @ lstm.weight_hh_l0.T + lstm.bias_hh_l0)
         i, f, g, o = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -210,16 +222,19 @@ def test_aux_target_is_the_synthetic_gradient_at_the_end_of_the_next_block():
     x_next = copy_block(seed=2)[0]
     state = torch.randn(B, 2 * H)
     weight = 0.5
-    step = truncated_step(model, x, y, mask, state, copy_step_loss, aux_weight=weight, x_next=x_next)
+    step = truncated_step(model, x, y, mask, state, copy_step_loss, aux_weight=weight,
+                          x_next=x_next)
     with torch.no_grad():
         s_k = lstm_by_hand(model, x, state)  # this block's end
-        s_2k = lstm_by_hand(model, x_next, s_k)  # the next block's end, from s_k with the same weights
+        # the next block's end, from s_k with the same weights
+        s_2k = lstm_by_hand(model, x_next, s_k)
         assert torch.allclose(step.state, s_k, atol=1e-6)
         target = model.synthesizer(s_2k)  # M(s_2k): what the synthesizer gives k steps later
         err = model.aux_head(s_k) - target  # [B, 2H]
         want = err.pow(2).sum(1).mean()
         # the block-end prediction M(s_k) (the in-block target) is a different regression
-        assert not torch.allclose(want, (model.aux_head(s_k) - model.synthesizer(s_k)).pow(2).sum(1).mean())
+        assert not torch.allclose(
+            want, (model.aux_head(s_k) - model.synthesizer(s_k)).pow(2).sum(1).mean())
     assert torch.allclose(step.aux_loss, want, atol=1e-5)
     # The head's gradient of aux_weight * mean_i ||A s_k,i + b - t_i||^2 (it is on no other path).
     assert torch.allclose(model.aux_head.weight.grad, weight * 2 / B * err.T @ s_k, atol=1e-5)
@@ -228,8 +243,8 @@ def test_aux_target_is_the_synthetic_gradient_at_the_end_of_the_next_block():
 
 
 def test_look_ahead_leaves_the_stream_as_it_was():
-    """read_block with the look-ahead gives the same blocks, curriculum and task state as without, and its
-    look-ahead is the next block's inputs (unless the curriculum advanced in between)."""
+    """read_block with the look-ahead gives the same blocks, curriculum and task state as without,
+    and its look-ahead is the next block's inputs (unless the curriculum advanced in between)."""
     g = torch.Generator().manual_seed(5)
     for make in (lambda: CopyTask(4, bits=3, seed=2, repeat=True, window=6),
                  lambda: PTBStream(torch.randint(0, 7, (200,), generator=g), 4, vocab_size=7)):
@@ -248,7 +263,8 @@ def test_look_ahead_leaves_the_stream_as_it_was():
                 checked += 1
             previous = ahead
             if isinstance(ahead_task, CopyTask):
-                errors = (torch.rand(K, 4, generator=g) < (0.05 if i % 4 else 1.0)).float() * 3 * block.mask
+                errors = ((torch.rand(K, 4, generator=g) < (0.05 if i % 4 else 1.0)).float()
+                          * 3 * block.mask)
                 went_on = ahead_task.report(errors)
                 assert plain.report(errors) == went_on
                 advanced += went_on
@@ -261,9 +277,11 @@ def test_look_ahead_leaves_the_stream_as_it_was():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_aux_run_reads_the_same_stream_and_looks_ahead_at_the_next_block(preset, tmp_path, tiny_ptb, monkeypatch):
+def test_aux_run_reads_the_same_stream_and_looks_ahead_at_the_next_block(preset, tmp_path, tiny_ptb,
+                                                                         monkeypatch):
     """A dni=every_k_aux run trains on exactly the stream a fresh task gives, and the look-ahead of
-    every block is the next block's inputs (curriculum frozen, so the stream does not depend on the model)."""
+    every block is the next block's inputs (curriculum frozen, so the stream does not depend on the
+    model)."""
     seen = []
 
     def recording(model, x, y, mask, state, step_loss, aux_weight=0.0, x_next=None):
@@ -272,13 +290,15 @@ def test_aux_run_reads_the_same_stream_and_looks_ahead_at_the_next_block(preset,
 
     monkeypatch.setattr(sequence_task, "truncated_step", recording)
     frozen = [] if preset == "table1_ptb" else ["data.options.threshold=1e-9"]
-    cfg = compose_preset(preset, "profile=smoke", "dni=every_k_aux", "model.k=3", "train.steps=12", *frozen, ptb=tiny_ptb if preset == "table1_ptb" else None)
+    cfg = compose_preset(preset, "profile=smoke", "dni=every_k_aux", "model.k=3", "train.steps=12",
+                         *frozen, ptb=tiny_ptb if preset == "table1_ptb" else None)
     metrics = run(cfg, tmp_path / "run")
     assert metrics["steps"] == len(seen) == 12
     fresh, _ = build_sequence_stream(cfg, int(cfg.train.batch_size))
     for i, (x, y, mask, x_next) in enumerate(seen):
         block = fresh.next_block(3)
-        assert torch.equal(x, block.x) and torch.equal(y, block.y) and torch.equal(mask, block.mask), i
+        assert (torch.equal(x, block.x) and torch.equal(y, block.y)
+                and torch.equal(mask, block.mask)), i
         if i + 1 < len(seen):
             assert torch.equal(x_next, seen[i + 1][0]), i
 
@@ -287,7 +307,8 @@ def test_cosine_of_an_oracle_is_one():
     model = net(scale=0.5)
     g = torch.Generator().manual_seed(7)
     horizon = 2 * K
-    future = Block(x=torch.randn(horizon, B, IN, generator=g), y=torch.randint(0, 2, (horizon, B, OUT), generator=g).float(),
+    future = Block(x=torch.randn(horizon, B, IN, generator=g),
+                   y=torch.randint(0, 2, (horizon, B, OUT), generator=g).float(),
                    mask=torch.ones(horizon, B))
     state = torch.randn(B, 2 * H, generator=g)
     s = state.clone().requires_grad_(True)
@@ -302,7 +323,8 @@ def test_cosine_of_an_oracle_is_one():
     assert q["mse_true"] == pytest.approx(0.0, abs=1e-8)
     assert q["cosine_target"] < 1.0 - 1e-4
     model.synthesizer = OracleSynthesizer([(state, target)])
-    assert future_gradient_quality(model, state, future, K, copy_step_loss)["cosine_target"] == pytest.approx(1.0, abs=1e-5)
+    assert (future_gradient_quality(model, state, future, K, copy_step_loss)["cosine_target"]
+            == pytest.approx(1.0, abs=1e-5))
 
 
 def test_model_rejects_bad_sizes_and_placements():
@@ -311,7 +333,8 @@ def test_model_rejects_bad_sizes_and_placements():
     with pytest.raises(ConfigError, match="no cut named 'h1'"):
         RecurrentNet(IN, OUT, hidden=H, placement=Placement(("h1",), SynthesizerSpec("linear")))
     with pytest.raises(ConfigError, match="every_k"):
-        RecurrentNet(IN, OUT, hidden=H, placement=Placement(("all",), SynthesizerSpec("linear"), conditioned=True))
+        RecurrentNet(IN, OUT, hidden=H,
+                     placement=Placement(("all",), SynthesizerSpec("linear"), conditioned=True))
     with pytest.raises(ConfigError, match="every_k_aux"):
         RecurrentNet(IN, OUT, hidden=H, aux=True)
 
@@ -331,7 +354,8 @@ def write_tiny_ptb(root: Path) -> dict[str, str]:
         text = "".join(" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + " \n"
                        for _ in range(lines))
         if split == "train":
-            text = " " + " ".join(sorted(set("".join(WORDS)))) + " \n" + text  # every symbol in train
+            # every symbol in train
+            text = " " + " ".join(sorted(set("".join(WORDS)))) + " \n" + text
         (root / "ptb" / f"ptb.{split}.txt").write_text(text)
         sums[split] = hashlib.md5(text.encode()).hexdigest()
     return sums
@@ -390,9 +414,11 @@ def test_preset_runs_under_smoke(preset, dni, tmp_path, tiny_ptb):
 
 
 def test_copy_curriculum_advances_with_dni(tmp_path):
-    """Real learning, small: DNI solves N = 1 of Copy (3-step episodes) within the smoke budget x 100."""
-    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3", "train.steps=400", "model.hidden=32", "train.batch_size=16", "optim.lr=1e-2",
-                         "train.sg_quality=false")
+    """Real learning, small: DNI solves N = 1 of Copy (3-step episodes) within the smoke budget
+    x 100."""
+    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3",
+                         "train.steps=400", "model.hidden=32", "train.batch_size=16",
+                         "optim.lr=1e-2", "train.sg_quality=false")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["largest_n"] >= 1
 
@@ -417,7 +443,8 @@ def test_bad_input_is_one_line(override, fix, tmp_path):
 
 
 def test_missing_and_corrupt_ptb(tmp_path, tiny_ptb):
-    cfg = compose_preset("table1_ptb", "profile=smoke", f"data_dir={tmp_path / 'empty'}", "data.download=false")
+    cfg = compose_preset("table1_ptb", "profile=smoke", f"data_dir={tmp_path / 'empty'}",
+                         "data.download=false")
     with pytest.raises(DataError) as err:
         run(cfg, tmp_path / "a")
     assert "ptb.train.txt" in str(err.value) and "\n" not in str(err.value)
@@ -430,11 +457,13 @@ def test_missing_and_corrupt_ptb(tmp_path, tiny_ptb):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sgrun", "experiment=table1_copy", "profile=smoke", "model.k=0",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "sgrun", "experiment=table1_copy", "profile=smoke",
+                           "model.k=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sgrun: error: model.k must be >= 1"), proc.stderr
+    assert (len(lines) == 1
+            and lines[0].startswith("sgrun: error: model.k must be >= 1")), proc.stderr
 
 
 def test_bench_prints_the_table(capsys):
@@ -442,7 +471,8 @@ def test_bench_prints_the_table(capsys):
 
     threads = torch.get_num_threads()
     try:
-        bench_rnn.main(["--steps", "2", "--warmup", "1", "--hidden", "8", "--batch", "4", "--k", "5", "--threads", "1"])
+        bench_rnn.main(["--steps", "2", "--warmup", "1", "--hidden", "8", "--batch", "4",
+                        "--k", "5", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -453,8 +483,8 @@ def test_bench_prints_the_table(capsys):
 def test_plateau_rule_stops_a_copy_run_whose_curriculum_stopped(tmp_path):
     """train.plateau_samples: a run stops once its curriculum has not advanced for that many
     episodes, before the step cap, and says so in its metrics."""
-    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3", "train.steps=400",
-                         "train.plateau_samples=40", "train.sg_quality=false")
+    cfg = compose_preset("table1_copy", "profile=smoke", "dni=every_k", "model.k=3",
+                         "train.steps=400", "train.plateau_samples=40", "train.sg_quality=false")
     metrics = run(cfg, tmp_path / "run")
     assert metrics["plateau_reached"] is True
     assert metrics["steps"] < 400

@@ -19,9 +19,11 @@ def unlocked_fcn(seed=0, synthetic_input=True):
     torch.manual_seed(seed)
     spec = SynthesizerSpec(kind="mlp", hidden=16, layers=1)
     si = SynthesizerSpec(kind="mlp", hidden=16, layers=1) if synthetic_input else None
-    model = FCN((D_IN,), CLASSES, layers=3, hidden=10, placement=Placement(("all",), spec, synthetic_input=si))
+    model = FCN((D_IN,), CLASSES, layers=3, hidden=10,
+                placement=Placement(("all",), spec, synthetic_input=si))
     torch.manual_seed(99)
-    for i in interfaces_of(model):  # non-zero synthesizers, so every gradient path carries something
+    # non-zero synthesizers, so every gradient path carries something
+    for i in interfaces_of(model):
         for p in i.synthesizer.parameters():
             nn.init.normal_(p, std=0.3)
     return model
@@ -49,7 +51,8 @@ def test_input_model_receives_exactly_the_l2_gradient():
 
 
 def test_nothing_reaches_lower_layers_through_the_synthetic_input():
-    """The lower block's gradient is exactly scale * M(h) / B, as with a plain backward interface."""
+    """The lower block's gradient is exactly scale * M(h) / B, as with a plain backward
+    interface."""
     unlocked, plain = unlocked_fcn(), unlocked_fcn(synthetic_input=False)
     plain.load_state_dict(unlocked.state_dict(), strict=False)
     x, y = data()
@@ -82,7 +85,8 @@ def test_update_prob_zero_changes_no_parameter(tmp_path, dni):
     torch.manual_seed(cfg.seed)
     from sgrun.build import build_model, placement_of
 
-    initial = build_model(cfg.model, in_shape=(1, 28, 28), num_classes=10, placement=placement_of(cfg.dni))
+    initial = build_model(cfg.model, in_shape=(1, 28, 28), num_classes=10,
+                          placement=placement_of(cfg.dni))
     run(cfg, tmp_path)
     final = torch.load(tmp_path / "model.pt")
     for name, p in initial.named_parameters():
@@ -105,4 +109,5 @@ def test_update_prob_draws_each_layer_group_independently():
     train.skip_updates([[m] for m in layers], 0.2, torch.Generator().manual_seed(0))
     kept = sum(m.weight.grad is not None for m in layers)
     assert 50 <= kept <= 110  # Binomial(400, 0.2): mean 80, sd 8
-    assert all((m.weight.grad is None) == (m.bias.grad is None) for m in layers)  # a group moves as one
+    # a group moves as one
+    assert all((m.weight.grad is None) == (m.bias.grad is None) for m in layers)

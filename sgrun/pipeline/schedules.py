@@ -61,7 +61,7 @@ class ScheduledStage(Stage):
         stage = pipelining.PipelineStage(_Part(self.net), self.rank, self.split.stages, self.device,
                                          input_args=example_in, output_args=example_out)
         kind = getattr(pipelining, TORCH_SCHEDULES[self.schedule_name])
-        return kind(stage, self.microbatches, loss_fn=nn.functional.cross_entropy, scale_grads=True)
+        return kind(stage, self.microbatches, loss_fn=self.task.loss, scale_grads=True)
 
     def train_step(self) -> None:
         if self.schedule is None:
@@ -77,7 +77,7 @@ class ScheduledStage(Stage):
         if self.last:
             losses: list[torch.Tensor] = []
             self.schedule.step(*args, target=y, losses=losses, return_outputs=False)
-            self.losses.append(sum(float(v.detach()) for v in losses) / len(losses))
+            self.losses.append((self.step, sum(float(v.detach()) for v in losses) / len(losses)))
         else:
             self.schedule.step(*args, return_outputs=False)
         self.skip_updates(upd)

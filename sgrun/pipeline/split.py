@@ -105,8 +105,9 @@ def block_costs(model: nn.Module) -> list[float]:
         with torch.enable_grad():  # interfaces run their synthesizers only when gradients are on
             was = model.training
             model.train()
-            x = torch.zeros(2, *shape)
-            ctx = torch.zeros(2, model.context_dim) if model.context_dim else None
+            device = next(model.parameters()).device
+            x = torch.zeros(2, *shape, device=device)
+            ctx = torch.zeros(2, model.context_dim, device=device) if model.context_dim else None
             model(x, ctx)
             model.train(was)
     finally:

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 import traceback
-from collections import deque
+from collections import defaultdict, deque
 from pathlib import Path
 
 import torch
@@ -19,7 +19,6 @@ from torch import nn
 from torch.func import functional_call
 
 from sgrun.build import (
-    build_images,
     build_model,
     build_optimizer,
     build_synthesizer_optimizer,
@@ -32,12 +31,7 @@ from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import Writer
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
-from sgrun.tasks.classification import (
-    BatchSampler,
-    classification_error,
-    evaluation_split,
-    label_context,
-)
+from sgrun.tasks.classification import Classification
 from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
@@ -111,10 +105,18 @@ class Inbox:
 
 
 class Stage:
-    """The training loop of one stage (see the module docstring)."""
+    """The training step of one stage (see the module docstring).
 
-    def __init__(self, cfg: DictConfig, rank: int, split: Split, model: nn.Module, steps: int,
-                 lr: float, device: torch.device, sampler) -> None:
+    The stage's slice of the classification task: the task's own model (this process holds all of
+    it and trains its blocks), batch sampler, label context and loss.  What differs from the task's
+    ``train_step`` is only what a slice needs: its input arrives from below (or is predicted), its
+    backward starts from a synthetic gradient (or the one sent back from above), and it sends its
+    output and the gradient of its input on."""
+
+    def __init__(self, cfg: DictConfig, rank: int, split: Split, task: Classification, steps: int,
+                 device: torch.device) -> None:
+        model = task.model
+        self.task = task
         self.rank, self.split, self.device, self.steps = rank, split, device, steps
         self.first, self.last = rank == 0, rank == split.stages - 1
         lo, hi = split.ranges[rank]
@@ -131,10 +133,12 @@ class Stage:
         self.unlocked = bool(model.unlocked) and not split.locked
         self.below = (model.interfaces[split.boundaries[rank - 1]]
                       if self.unlocked and not self.first else None)
-        self.conditioned = bool(cfg.dni.conditioned) and bool(model.interfaces)
-        self.num_classes = model.num_classes
-        self.batch = sampler.batch_size
-        self.sampler = sampler
+        self.num_classes = task.data.num_classes
+        self.sampler = task.sampler
+        self.batch = self.sampler.batch_size
+        # SG quality (train.sg_quality): the cosine of each prediction to the gradient that comes
+        # back for it
+        self.sg_quality = bool(cfg.train.sg_quality)
         self.max_inflight = max_inflight(cfg.runtime)
         # stochastic updates (sec. 3.3): every stage draws every layer group's coin from the same
         # generator as the in-process run, and applies the coins of its own groups
@@ -159,12 +163,14 @@ class Stage:
         # (work, buffer) of the next input from below (no synthetic inputs)
         self.act_recv = None
         self.step = 0
-        # statistics since the last report
-        self.stale: list[int] = []
-        self.sg_losses: list[float] = []
-        self.in_stale: list[int] = []
-        self.in_losses: list[float] = []
-        self.losses: list[float] = []
+        # statistics since the last report, each as (the step it belongs to, value); a late target
+        # belongs to the step of its prediction
+        self.stale: list[tuple[int, int]] = []
+        self.sg_losses: list[tuple[int, float]] = []
+        self.cosines: list[tuple[int, float]] = []
+        self.in_stale: list[tuple[int, int]] = []
+        self.in_losses: list[tuple[int, float]] = []
+        self.losses: list[tuple[int, float]] = []
 
     # -- messages
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -205,13 +211,13 @@ class Stage:
                              if self.step < self.steps else None)
             x.requires_grad_(True)
         n = y.shape[0]
-        ctx = label_context(y, self.num_classes, self.conditioned)
+        ctx = self.task.context(y)
         self.opt.zero_grad(set_to_none=True)
         out = self.net(x, ctx, data)
         if self.last:
-            loss = nn.functional.cross_entropy(out, y)
+            loss = self.task.loss(out, y)
             loss.backward()
-            self.losses.append(float(loss.detach()))
+            self.losses.append((self.step, float(loss.detach())))
         else:
             self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
             if self.locked:  # wait for the true gradient from above
@@ -276,11 +282,16 @@ class Stage:
         """Regress ``M``'s prediction of an earlier batch on the gradient that came back for it."""
         step, delta_hat, snapshot, update = waiting
         # the per-example target, as in sgrun.dni.interface
-        diff = delta_hat.detach() - per_example(grad)
-        self.sg_losses.append(float(regression_loss(diff)))
+        target = per_example(grad)
+        diff = delta_hat.detach() - target
+        self.sg_losses.append((step, float(regression_loss(diff))))
+        if self.sg_quality:  # mean over examples, as sgrun.dni.gradient_quality measures it
+            cos = nn.functional.cosine_similarity(delta_hat.detach().flatten(1),
+                                                  target.flatten(1), dim=1, eps=1e-12).mean()
+            self.cosines.append((step, float(cos)))
         self._late_step(self.boundary.synthesizer, self.synth_opt, self.synth_sched, delta_hat,
                         snapshot, regression_grad(diff), update)
-        self.stale.append(self.step - step)
+        self.stale.append((step, self.step - step))
 
     def train_input_model(self, waiting: tuple, h: torch.Tensor) -> None:
         """Regress ``I``'s prediction of an earlier batch on the real activation that produced it
@@ -288,10 +299,10 @@ class Stage:
         :mod:`sgrun.dni.synthetic_input`."""
         step, h_hat, snapshot, update = waiting
         diff = h_hat.detach() - h
-        self.in_losses.append(float(regression_loss(diff)))
+        self.in_losses.append((step, float(regression_loss(diff))))
         self._late_step(self.below.input_model, self.input_opt, self.input_sched, h_hat, snapshot,
                         regression_grad(diff), update)
-        self.in_stale.append(self.step - step)
+        self.in_stale.append((step, self.step - step))
 
     @staticmethod
     def _late_step(module: nn.Module, opt, sched, pred: torch.Tensor, snapshot: dict,
@@ -324,15 +335,22 @@ class Stage:
             yield from module.buffers()
 
     def finite_check_values(self) -> dict[str, float]:
-        values = {"loss/train": float(sum(self.losses))}
+        """What the divergence guard checks: the sums of this stage's losses since the last
+        report."""
+        values = {"loss/train": float(sum(v for _, v in self.losses))}
         if self.boundary is not None:
-            values[f"dni/{self.split.boundaries[self.rank]}/sg_loss"] = float(sum(self.sg_losses))
+            values[f"dni/{self.split.boundaries[self.rank]}/sg_loss"] = float(
+                sum(v for _, v in self.sg_losses))
+        if self.below is not None:
+            values[f"dni/{self.split.boundaries[self.rank - 1]}/input_loss"] = float(
+                sum(v for _, v in self.in_losses))
         return values
 
     def report(self) -> dict:
-        r = {"stale": self.stale, "sg": self.sg_losses, "loss": self.losses,
+        r = {"stale": self.stale, "sg": self.sg_losses, "cos": self.cosines, "loss": self.losses,
              "in_stale": self.in_stale, "in_loss": self.in_losses}
-        self.stale, self.sg_losses, self.losses, self.in_stale, self.in_losses = [], [], [], [], []
+        self.stale, self.sg_losses, self.cosines, self.losses = [], [], [], []
+        self.in_stale, self.in_losses = [], []
         return r
 
 
@@ -351,28 +369,28 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                else ("nccl" if device.type == "cuda" else "gloo"))
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
-    data = build_images(cfg)
-    model = full_model(cfg, tuple(data.shape), data.num_classes)
+    # the in-process run's task (same seed: same weights, same batches): every stage draws the same
+    # batches itself, so stages above the first take their labels from it (no label messages), and
+    # with synthetic inputs their data too (nothing below is waited for)
+    task = Classification(cfg, device)
+    model = annotated(task.model, cfg, tuple(task.data.shape), task.data.num_classes)
     split = plan_split(model, cfg.runtime)
     if split.stages != world:
         raise ConfigError(f"{world} processes for {split.stages} stages: start as many processes "
                           "as runtime.stages")
-    model.to(device).train()
+    model.train()
     full_names = {id(t): k for k, t in list(model.named_parameters()) + list(model.named_buffers())}
-    steps, lr, eval_every = int(cfg.train.steps), float(cfg.optim.lr), int(cfg.train.eval_every)
-    # every stage draws the same batches itself (same seed): stages above the first take their
-    # labels from it (no label messages), and with synthetic inputs their data too (nothing below
-    # is waited for)
-    sampler = BatchSampler(data.train_x, data.train_y, cfg.train.batch_size, cfg.seed, device)
+    steps, lr = int(cfg.train.steps), float(cfg.optim.lr)
+    eval_every, log_every = int(cfg.train.eval_every), int(cfg.train.log_every)
     check_schedule(cfg, split)
     kind = Stage if cfg.runtime.get("schedule", "dni") == "dni" else ScheduledStage
-    stage = kind(cfg, rank, split, model, steps, lr, device, sampler)
+    stage = kind(cfg, rank, split, task, steps, device)
 
     timeout = datetime.timedelta(seconds=float(cfg.runtime.timeout))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     writer = Writer(Path(out_dir) / "tb" / "pipeline") if rank == 0 else None
-    history: list[tuple[int, float]] = []
+    curves = Curves(writer, split, log_every, steps) if rank == 0 else None
     # training seconds at each evaluation (the slowest stage's, without evaluations)
     seconds: list[float] = []
     # per boundary: [sum, count, max] of the gradient targets' staleness, then of the input targets'
@@ -383,10 +401,12 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
         tick, t_train = time.time(), 0.0
         for step in range(1, steps + 1):
             stage.train_step()
-            if step % eval_every == 0 or step == steps:
+            evaluating = step % eval_every == 0 or step == steps
+            if evaluating or step % log_every == 0:
                 # the divergence guard of the in-process engine, on this stage's losses since the
                 # last report
                 check_finite(stage.finite_check_values(), step, lr, None)
+            if evaluating:
                 if not stage.locked:
                     stage.take_targets(drain=True)
                 stage.flush()
@@ -399,19 +419,20 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                     for part in gathered:
                         state.update(part[0])
                     model.load_state_dict(state)
-                    err = classification_error(model, *evaluation_split(cfg, data), device)
-                    history.append((step, err))
+                    writer.scalars(task.evaluate(step), step)
                     seconds.append(round(max(p[2] for p in gathered), 3))
                     rate = step * stage.batch / max(seconds[-1], 1e-9)
-                    log_gathered(writer, split, gathered, step, err, rate)
+                    writer.scalar("perf/samples_per_sec", rate, step)
+                    curves.add(gathered)
+                    curves.write(upto=step)
                     for s, cut in enumerate(staleness):
                         for k, stale in ((0, gathered[s][1]["stale"]),
                                          (3, gathered[s + 1][1]["in_stale"])):
-                            acc = staleness[cut]
-                            acc[k], acc[k + 1] = acc[k] + sum(stale), acc[k + 1] + len(stale)
-                            acc[k + 2] = max([acc[k + 2], *stale])
-                    log.info("step %d/%d  test error %.2f%%  %.0f samples/s",
-                             step, steps, err, rate)
+                            acc, late = staleness[cut], [v for _, v in stale]
+                            acc[k], acc[k + 1] = acc[k] + sum(late), acc[k + 1] + len(late)
+                            acc[k + 2] = max([acc[k + 2], *late])
+                    log.info("step %d/%d  %.0f samples/s (the slowest stage's training time)",
+                             step, steps, rate)
                 # every stage restarts its clock after rank 0's evaluation, so that no stage counts
                 # the time it would otherwise spend waiting on the evaluating stage as training time
                 dist.barrier(group=ctrl)
@@ -422,12 +443,12 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
             if stage.unlocked:  # how late the real activations came to train the synthetic inputs
                 for cut, acc in staleness.items():
                     stale[cut].update(input_mean=acc[3] / max(acc[4], 1), input_max=int(acc[5]))
-            result = {"metrics": {"test_error": history[-1][1],
-                                  "best_test_error": min(e for _, e in history),
-                                  "steps": steps, "history": history, "seconds": seconds,
-                                  "samples_per_sec": steps * stage.batch / max(seconds[-1], 1e-9),
-                                  "stages": world, "boundaries": list(split.boundaries),
-                                  "locked": split.locked, "staleness": stale},
+            metrics = task.final_metrics(steps)
+            metrics.update(seconds=seconds,
+                           samples_per_sec=steps * stage.batch / max(seconds[-1], 1e-9),
+                           stages=world, boundaries=list(split.boundaries), locked=split.locked,
+                           staleness=stale)
+            result = {"metrics": metrics,
                       "state": {k: v.cpu() for k, v in model.state_dict().items()}}
         dist.barrier(group=ctrl)
     finally:
@@ -437,28 +458,48 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     return result
 
 
-def log_gathered(writer: Writer, split: Split, gathered: list, step: int, err: float,
-                 rate: float) -> None:
-    writer.scalar("error/test", err, step)
-    writer.scalar("perf/samples_per_sec", rate, step)
-    losses = gathered[-1][1]["loss"]
-    if losses:
-        writer.scalar("loss/train", sum(losses) / len(losses), step)
-    for s, part in enumerate(gathered[:-1]):
-        rep, cut = part[1], split.boundaries[s]
-        if rep["stale"]:
-            writer.scalar(f"pipeline/{cut}/staleness_mean",
-                          sum(rep["stale"]) / len(rep["stale"]), step)
-            writer.scalar(f"pipeline/{cut}/staleness_max", max(rep["stale"]), step)
-        if rep["sg"]:
-            writer.scalar(f"dni/{cut}/sg_loss", sum(rep["sg"]) / len(rep["sg"]), step)
-        above = gathered[s + 1][1]
-        if above["in_stale"]:
-            writer.scalar(f"pipeline/{cut}/input_staleness_mean",
-                          sum(above["in_stale"]) / len(above["in_stale"]), step)
-            writer.scalar(f"pipeline/{cut}/input_staleness_max", max(above["in_stale"]), step)
-            writer.scalar(f"dni/{cut}/input_loss",
-                          sum(above["in_loss"]) / len(above["in_loss"]), step)
+class Curves:
+    """Rank 0's TensorBoard curves of every stage's values, written at each evaluation.
+
+    The in-process engine logs the mean of each value over every ``train.log_every`` steps; so does
+    this, from the ``(step, value)`` pairs the stages gather at evaluations (a late target counts at
+    the step of its prediction, so an interval is written once every value of it has come)."""
+
+    def __init__(self, writer: Writer, split: Split, log_every: int, steps: int) -> None:
+        self.writer, self.split, self.log_every, self.steps = writer, split, log_every, steps
+        self.pending: dict[str, list[tuple[int, float]]] = defaultdict(list)
+
+    def add(self, gathered: list) -> None:
+        cuts = self.split.boundaries
+        for s, (_, rep, _) in enumerate(gathered):
+            self.pending["loss/train"] += rep["loss"]  # the last stage's
+            if s < len(cuts):
+                self.pending[f"pipeline/{cuts[s]}/staleness"] += rep["stale"]
+                self.pending[f"dni/{cuts[s]}/sg_loss"] += rep["sg"]
+                self.pending[f"dni/{cuts[s]}/target_cosine"] += rep["cos"]
+            if s > 0:  # the synthetic inputs of the cut below this stage
+                self.pending[f"pipeline/{cuts[s - 1]}/input_staleness"] += rep["in_stale"]
+                self.pending[f"dni/{cuts[s - 1]}/input_loss"] += rep["in_loss"]
+
+    def write(self, upto: int) -> None:
+        """Write every logging interval that ends at or before step ``upto``."""
+        for tag, entries in self.pending.items():
+            intervals: dict[int, list[float]] = defaultdict(list)
+            later = []
+            for step, value in entries:
+                end = min(-(-step // self.log_every) * self.log_every, self.steps)
+                if end <= upto:
+                    intervals[end].append(value)
+                else:
+                    later.append((step, value))
+            for end in sorted(intervals):
+                values = intervals[end]
+                if tag.endswith("staleness"):
+                    self.writer.scalar(f"{tag}_mean", sum(values) / len(values), end)
+                    self.writer.scalar(f"{tag}_max", max(values), end)
+                else:
+                    self.writer.scalar(tag, sum(values) / len(values), end)
+            self.pending[tag] = later
 
 
 def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int,
@@ -485,6 +526,11 @@ def full_model(cfg: DictConfig, shape: tuple[int, ...], classes: int) -> nn.Modu
     """The whole feed-forward model, as the in-process run builds it (same seed, same weights)."""
     model = build_model(cfg.model, in_shape=shape, num_classes=classes,
                         placement=placement_of(cfg.dni))
+    return annotated(model, cfg, shape, classes)
+
+
+def annotated(model: nn.Module, cfg: DictConfig, shape: tuple[int, ...], classes: int) -> nn.Module:
+    """``model`` with what the split needs to know of it: its input shape, classes and context."""
     model.in_shape, model.num_classes = shape, classes
     model.context_dim = classes if cfg.dni.conditioned else 0
     return model

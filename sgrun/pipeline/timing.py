@@ -29,12 +29,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sgrun.build import build_images
 from sgrun.dni.units import injected
 from sgrun.pipeline.cost import Link, StageTimes
 from sgrun.pipeline.split import plan_split
-from sgrun.pipeline.stage import Stage, full_model
-from sgrun.tasks.classification import BatchSampler, label_context
+from sgrun.pipeline.stage import Stage, annotated
+from sgrun.tasks.classification import Classification
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -119,11 +118,9 @@ def _build_stage(cfg: DictConfig, rank: int) -> Stage:
     """Stage ``rank`` as a pipeline process builds it (same seed, same weights and split)."""
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
-    data = build_images(cfg)
-    model = full_model(cfg, tuple(data.shape), data.num_classes).to(device).train()
-    split = plan_split(model, cfg.runtime)
-    sampler = BatchSampler(data.train_x, data.train_y, int(cfg.train.batch_size), cfg.seed, device)
-    return Stage(cfg, rank, split, model, 10**9, float(cfg.optim.lr), device, sampler)
+    task = Classification(cfg, device)
+    model = annotated(task.model, cfg, tuple(task.data.shape), task.data.num_classes).train()
+    return Stage(cfg, rank, plan_split(model, cfg.runtime), task, 10**9, device)
 
 
 def _input(stage: Stage, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -141,10 +138,10 @@ def _one_step(stage: Stage, clock: _Clock, keep: bool) -> torch.Tensor:
     x, y = _input(stage, stage.batch)
     n = y.shape[0]
     clock.lap("data", keep)
-    ctx = label_context(y, stage.num_classes, stage.conditioned)
+    ctx = stage.task.context(y)
     stage.opt.zero_grad(set_to_none=True)
     out = stage.net(x, ctx, x if stage.unlocked else None)
-    loss = nn.functional.cross_entropy(out, y) if stage.last else None
+    loss = stage.task.loss(out, y) if stage.last else None
     clock.lap("fwd", keep)
     synthetic = stage.boundary is not None and not stage.last
     if synthetic:
@@ -173,7 +170,7 @@ def _one_micro(stage: Stage, n: int, clock: _Clock, keep: bool) -> None:
     x, y = _input(stage, n)
     clock.start()
     out = stage.net(x, None, None)
-    loss = nn.functional.cross_entropy(out, y) if stage.last else None
+    loss = stage.task.loss(out, y) if stage.last else None
     clock.lap("fwd", keep)
     if loss is not None:
         loss.backward()

@@ -112,9 +112,16 @@ class Classification(Task):
         return (f"{self.data.name}: {type(self.model).__name__}, batch {self.sampler.batch_size}, "
                 f"{len(self.model.interfaces)} interfaces, device {self.device}")
 
+    def context(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The synthesizers' context for labels ``y`` (cDNI: their one-hot; DNI: none)."""
+        return label_context(y, self.data.num_classes, self.conditioned)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y)
+
     def loss_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = label_context(y, self.data.num_classes, self.conditioned)
-        return nn.functional.cross_entropy(self.model(x, ctx), y)
+        return self.loss(self.model(x, self.context(y)), y)
 
     def next_batch(self):
         return self.sampler.next()

@@ -32,6 +32,7 @@ from sgrun.guard import check_finite
 from sgrun.metrics import Writer
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import Classification
+from sgrun.train import budget_line, estimate_line
 from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
@@ -391,6 +392,10 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     writer = Writer(Path(out_dir) / "tb" / "pipeline") if rank == 0 else None
     curves = Curves(writer, split, log_every, steps) if rank == 0 else None
+    if rank == 0:
+        log.info("%s", task.describe())
+        log.info("%s per stage", budget_line(cfg, steps, lr, log_every, eval_every,
+                                             torch.get_num_threads()))
     # training seconds at each evaluation (the slowest stage's, without evaluations)
     seconds: list[float] = []
     # per boundary: [sum, count, max] of the gradient targets' staleness, then of the input targets'
@@ -433,6 +438,8 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                             acc[k + 2] = max([acc[k + 2], *late])
                     log.info("step %d/%d  %.0f samples/s (the slowest stage's training time)",
                              step, steps, rate)
+                    if len(seconds) == 1 and step < steps:
+                        log.info("%s", estimate_line(step, seconds[0], steps))
                 # every stage restarts its clock after rank 0's evaluation, so that no stage counts
                 # the time it would otherwise spend waiting on the evaluating stage as training time
                 dist.barrier(group=ctrl)

@@ -25,3 +25,34 @@ def no_network(monkeypatch):
     monkeypatch.setattr(fetch, "_run_npm", forbidden)
     monkeypatch.setattr(ptb, "_fetch_official", forbidden)
     monkeypatch.setattr(ptb, "_fetch_pypi", forbidden)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """An existing folder that this process cannot write in: read-only by its mode, or, for root
+    (who writes anywhere), immutable (``chattr +i``, as a read-only mount refuses writes)."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    root = os.geteuid() == 0
+    if root:
+        if shutil.which("chattr") is None or subprocess.run(
+                ["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("root writes anywhere and this file system has no immutable folders")
+    else:
+        folder.chmod(0o500)
+    try:
+        (folder / "probe").touch()
+    except OSError:
+        pass
+    else:
+        pytest.skip("this folder stays writable here")
+    try:
+        yield folder
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=False)
+        else:
+            folder.chmod(0o700)

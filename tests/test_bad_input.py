@@ -3,7 +3,6 @@ intact."""
 
 import gzip
 import hashlib
-import os
 import struct
 
 import numpy as np
@@ -78,12 +77,17 @@ def test_output_folder_holding_another_run_is_not_overwritten(tmp_path, earlier_
     assert (earlier_run / "summary.json").read_text() == '{"earlier": true}\n'
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_folder(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    r = sgrun(*SMOKE, f"hydra.run.dir={locked}/run", cwd=tmp_path)
+def test_unwritable_output_folder(tmp_path, unwritable_folder):
+    r = sgrun(*SMOKE, f"hydra.run.dir={unwritable_folder}/run", cwd=tmp_path)
     assert_one_line_error(r, ["cannot write", "hydra.run.dir="])
+    assert not list(unwritable_folder.iterdir())
+
+
+def test_unwritable_data_dir_names_data_dir(tmp_path, unwritable_folder):
+    r = sgrun("data=mnist", "train.steps=2", f"data_dir={unwritable_folder}", "hydra.run.dir=new",
+              cwd=tmp_path)
+    assert_one_line_error(r, [f"cannot create {unwritable_folder}/mnist", "data_dir="])
+    assert "hydra.run.dir" not in r.stderr
 
 
 def test_data_dir_that_is_a_file_names_data_dir_not_the_output_folder(tmp_path):

@@ -152,6 +152,7 @@ def _extract_local(archive: Path, folder: Path, missing: list[str], md5s: dict[s
 
 def _fetch(root: Path, folder: Path, missing: list[str], md5s: dict[str, str]) -> str | None:
     """Download the official archive and extract the missing batches. Returns why it failed."""
+    fetch.make_folder(root)  # a folder that cannot be made fails before anything is fetched
     try:
         fetch.download(URL, root / ARCHIVE, md5s[ARCHIVE],
                        message=f"fetching CIFAR-10 from {URL} into {root}")

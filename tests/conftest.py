@@ -28,31 +28,43 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture
-def unwritable_folder(tmp_path):
-    """An existing folder that this process cannot write in: read-only by its mode, or, for root
-    (who writes anywhere), immutable (``chattr +i``, as a read-only mount refuses writes)."""
+def read_only(tmp_path):
+    """``read_only(path)`` makes ``path`` (a folder: with everything in it) unwritable to this
+    process: by its mode, or, for root (who writes anywhere), immutable (``chattr +i``), as a
+    read-only mount refuses writes.  Skips where neither holds; undone at the end of the test."""
     import shutil
     import subprocess
 
+    root = os.geteuid() == 0
+    done = []
+
+    def make(path):
+        if root:
+            if shutil.which("chattr") is None or subprocess.run(
+                    ["chattr", "-R", "+i", str(path)], capture_output=True).returncode != 0:
+                pytest.skip("root writes anywhere and this file system has no immutable files")
+        else:
+            for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+                p.chmod(0o500 if p.is_dir() else 0o400)
+        done.append(path)
+        try:
+            (path / ".probe" if path.is_dir() else path).open("a").close()
+        except OSError:
+            return path
+        pytest.skip("this path stays writable here")
+
+    yield make
+    for path in done:
+        if root:
+            subprocess.run(["chattr", "-R", "-i", str(path)], check=False)
+        else:
+            for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+                p.chmod(0o700 if p.is_dir() else 0o600)
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path, read_only):
+    """An existing, empty folder that this process cannot write in."""
     folder = tmp_path / "read_only"
     folder.mkdir()
-    root = os.geteuid() == 0
-    if root:
-        if shutil.which("chattr") is None or subprocess.run(
-                ["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-            pytest.skip("root writes anywhere and this file system has no immutable folders")
-    else:
-        folder.chmod(0o500)
-    try:
-        (folder / "probe").touch()
-    except OSError:
-        pass
-    else:
-        pytest.skip("this folder stays writable here")
-    try:
-        yield folder
-    finally:
-        if root:
-            subprocess.run(["chattr", "-i", str(folder)], check=False)
-        else:
-            folder.chmod(0o700)
+    return read_only(folder)

@@ -83,6 +83,18 @@ def test_unwritable_output_folder(tmp_path, unwritable_folder):
     assert not list(unwritable_folder.iterdir())
 
 
+def test_finished_run_on_a_read_only_folder_is_one_line_and_intact(tmp_path, read_only):
+    run = tmp_path / "run"
+    assert sgrun(*SMOKE, f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    read_only(run)
+    r = sgrun(*SMOKE, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot write" in lines[0] and "hydra.run.dir=" in lines[0], lines
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_unwritable_data_dir_names_data_dir(tmp_path, unwritable_folder):
     r = sgrun("data=mnist", "train.steps=2", f"data_dir={unwritable_folder}", "hydra.run.dir=new",
               cwd=tmp_path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sgrun.errors import SgrunError
+from sgrun.errors import SgrunError, output_fix
 
 log = logging.getLogger("sgrun")
 
@@ -69,11 +69,12 @@ def write_checkpoint(path: Path, state: dict, kept_step: int | None = None) -> N
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        fix = output_fix(e.errno, path)
         if kept_step is not None:
-            then = (f"the last good checkpoint (step {kept_step}) is kept: free some space, then "
+            then = (f"the last good checkpoint (step {kept_step}) is kept: {fix}, then "
                     f"continue the run with resume={path.parent}")
         else:
-            then = "no earlier checkpoint exists: free some space and run the command again"
+            then = f"no earlier checkpoint exists: {fix} and run the command again"
         raise SgrunError(f"could not write checkpoint {path}: {e.strerror or e}; {then}") from None
 
 

@@ -20,4 +20,23 @@ class DataError(SgrunError):
 
 class OutputWriteError(SgrunError):
     """A run's output (events, model, summary) could not be written, e.g. on a full disk; the
-    engine adds what is kept and how to continue."""
+    engine adds what is kept and how to continue.  ``errno`` is the operating system's reason,
+    ``path`` what could not be written."""
+
+    def __init__(self, message: str, errno: int | None = None, path=None) -> None:
+        super().__init__(message)
+        self.errno, self.path = errno, path
+
+
+def output_fix(errno: int | None, path) -> str:
+    """What to do before a failed write can succeed, for the operating system's reason ``errno``:
+    space for a full disk, the path for something else in its place, the rights for a refusal."""
+    import errno as codes
+
+    if errno in (codes.ENOSPC, codes.EDQUOT, codes.EFBIG):
+        return "free some space"
+    if errno in (codes.EISDIR, codes.ENOTDIR, codes.EEXIST, codes.ENOTEMPTY):
+        return f"move away what is in the place of {path} (a folder for a file, or the reverse)"
+    if errno in (codes.EACCES, codes.EPERM, codes.EROFS):
+        return f"make {path} writable"
+    return f"fix what stops writing {path}"

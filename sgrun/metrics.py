@@ -47,7 +47,7 @@ class Writer(NullWriter):
             return fn(*args, **kwargs)
         except OSError as e:
             raise OutputWriteError(f"could not write the TensorBoard events in {self.log_dir}: "
-                                   f"{e.strerror or e}") from None
+                                   f"{e.strerror or e}", e.errno, self.log_dir) from None
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self._guarded(self._tb.add_scalar, tag, float(value), step)
@@ -98,7 +98,8 @@ def write_bytes_atomic(path: str | Path, payload: bytes) -> dict:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
+        raise OutputWriteError(f"could not write {path}: {e.strerror or e}", e.errno,
+                                   path) from None
     return file_record(payload)
 
 
@@ -123,7 +124,8 @@ def file_records(folder: Path, root: Path) -> dict[str, dict]:
                 os.fsync(f.fileno())
                 data = f.read()
         except OSError as e:
-            raise OutputWriteError(f"could not write {path}: {e.strerror or e}") from None
+            raise OutputWriteError(f"could not write {path}: {e.strerror or e}", e.errno,
+                                   path) from None
         records[str(path.relative_to(root))] = file_record(data)
     return records
 

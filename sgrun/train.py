@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from sgrun.build import build_optimizer, check_family_data, device_of
 from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
-from sgrun.errors import ConfigError, OutputWriteError, SgrunError
+from sgrun.errors import ConfigError, OutputWriteError, SgrunError, output_fix
 from sgrun.guard import check_finite
 from sgrun.locks import folder_lock
 from sgrun.metrics import (
@@ -162,11 +162,12 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task],
     try:
         return _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device)
     except OutputWriteError as e:
+        fix = output_fix(e.errno, e.path or out_dir)
         if ckpt.last_step is not None:
-            then = (f"the last good checkpoint (step {ckpt.last_step}) is kept: free some space, "
+            then = (f"the last good checkpoint (step {ckpt.last_step}) is kept: {fix}, "
                     f"then continue the run with resume={out_dir}")
         else:
-            then = "no checkpoint had been written yet: free some space and run the command again"
+            then = f"no checkpoint had been written yet: {fix} and run the command again"
         raise OutputWriteError(f"{e}; {then} (the run is not marked finished)") from None
 
 

@@ -250,3 +250,19 @@ def test_disk_full_while_tensorboard_writes(tmp_path, after):
     again = sgrun(*SMOKE, *run[:-1], f"resume={(tmp_path / 'new').resolve()}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "new" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name, make", [
+    ("summary.json", lambda p: p.mkdir()),
+    ("model.pt", lambda p: p.mkdir()),
+    ("tb", lambda p: p.write_text("a file, not a folder\n")),
+])
+def test_something_in_the_place_of_an_output_is_named_with_its_fix(tmp_path, name, make):
+    # not a full disk: freeing space would not help, moving the thing away does
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run / name)
+    r = sgrun(*SMOKE, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert_one_line_error(r, [f"{run / name}", "move away what is in the place of",
+                              "the run is not marked finished"])
+    assert "free some space" not in r.stderr

@@ -289,3 +289,18 @@ def test_deeper_models_and_refusals():
         cost.predict("1f1b", four, cost.FREE, batch=8, microbatches=2)
     with pytest.raises(ValueError, match="no method"):
         cost.run_seconds("pipedream", four, cost.FREE, 4)
+
+
+@pytest.mark.slow  # a process per stage
+def test_stage_timings_measure_each_stage_of_a_split():
+    from sgrun.pipeline.timing import compose, measure_stages
+
+    base = ["model=fcn", "model.layers=4", "data=synthetic", "device=cpu", "runtime=pipeline",
+            "train.batch_size=32"]
+    dni = measure_stages(compose([*base, "dni=cdni"]), repeats=2, warmup=1)
+    assert len(dni) == 2 and all(t.fwd > 0 and t.bwd > 0 for t in dni)
+    assert dni[0].syn_fwd > 0 and dni[1].syn_fwd == 0  # the boundary's synthesizer runs below it
+    locked = measure_stages(compose([*base, "dni=none"]), microbatches=[2], repeats=2, warmup=1)
+    assert [m for m, _, _ in locked[0].mb] == [2]
+    with pytest.raises(ConfigError, match="not synthetic inputs"):
+        measure_stages(compose([*base, "dni=complete_unlock"]))

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sgrun.dni.units import injected
+from sgrun.errors import ConfigError
 from sgrun.pipeline.cost import Link, StageTimes
 from sgrun.pipeline.split import plan_split
 from sgrun.pipeline.stage import Stage, annotated
@@ -74,6 +75,9 @@ def measure_stages(cfg: DictConfig, microbatches: Iterable[int] = (), repeats: i
     all are."""
     import torch.multiprocessing as mp
 
+    if cfg.dni.get("synthetic_input") is not None:
+        raise ConfigError(f"dni={cfg.dni.name}: the stage timings cover DNI, cDNI and backprop "
+                          "splits, not synthetic inputs: time dni=every_layer|cdni|none")
     container = OmegaConf.to_container(cfg, resolve=True)
     stages = int(cfg.runtime.stages)
     ctx = mp.get_context("spawn")

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sgrun.build import build_images, check_runtime_family
 from sgrun.checkpoint import Interrupted
@@ -56,8 +55,7 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     check_schedule(cfg, plan_split(full_model(cfg, shape, classes), cfg.runtime))
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            result = stage_main(rank, world, cfg, str(out_dir))
+        result = stage_main(rank, world, cfg, str(out_dir))
         if rank != 0:
             return {"rank": rank}, None
     else:

@@ -17,8 +17,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sgrun.build import (
     build_model,
@@ -404,14 +402,10 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     staleness: dict[str, list[float]] = ({} if split.locked
                                          else {b: [0.0, 0.0, 0.0] * 2 for b in split.boundaries})
     result = None
-    # the engine's one progress bar, for rank 0 (on a terminal only; log lines go above it)
-    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True,
-               disable=None if rank == 0 else True)
     try:
         tick, t_train = time.time(), 0.0
         for step in range(1, steps + 1):
             stage.train_step()
-            bar.update(1)
             evaluating = step % eval_every == 0 or step == steps
             if evaluating or step % log_every == 0:
                 # the divergence guard of the in-process engine, on this stage's losses since the
@@ -450,7 +444,6 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
                 # the time it would otherwise spend waiting on the evaluating stage as training time
                 dist.barrier(group=ctrl)
                 tick = time.time()
-        bar.close()
         if rank == 0:
             stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])}
                      for cut, acc in staleness.items()}
@@ -525,8 +518,7 @@ def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: 
     logging.basicConfig(level=logging.INFO,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-            result = stage_main(rank, world, cfg, out_dir)
+        result = stage_main(rank, world, cfg, out_dir)
         if result is not None:
             torch.save(result, Path(out_dir) / RESULT)
     except SgrunError as e:

@@ -245,17 +245,12 @@ def main() -> None:
     except BrokenPipeError:  # e.g. sgrun --help | head: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except OSError as e:
-        if e.filename is None:
+    except (OSError, ValueError) as e:
+        # a ValueError from Hydra when its job log file cannot be opened (a read-only mount)
+        error = e if isinstance(e, OSError) else e.__cause__
+        if not (isinstance(error, OSError) and error.filename):
             raise
-        fail(f"cannot write {e.filename}: {e.strerror}: "
-             "choose another output folder with hydra.run.dir=<dir>")
-    except ValueError as e:
-        # Hydra's job logging could not open its log file (e.g. on a read-only mount)
-        cause = e.__cause__
-        if not (isinstance(cause, OSError) and cause.filename):
-            raise
-        fail(f"cannot write {cause.filename}: {cause.strerror}: "
+        fail(f"cannot write {error.filename}: {error.strerror}: "
              "choose another output folder with hydra.run.dir=<dir>")
     except KeyboardInterrupt:
         fail("interrupted", code=130)

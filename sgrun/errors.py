@@ -5,6 +5,8 @@ missing dataset, an unwritable folder).  The command line prints its message as 
 non-zero without a traceback, so every message must name the problem *and* the fix.
 """
 
+import errno
+
 
 class SgrunError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
@@ -28,15 +30,14 @@ class OutputWriteError(SgrunError):
         self.errno, self.path = errno, path
 
 
-def output_fix(errno: int | None, path) -> str:
-    """What to do before a failed write can succeed, for the operating system's reason ``errno``:
-    space for a full disk, the path for something else in its place, the rights for a refusal."""
-    import errno as codes
-
-    if errno in (codes.ENOSPC, codes.EDQUOT, codes.EFBIG):
+def output_fix(code: int | None, path) -> str:
+    """What to do before a failed write can succeed, for the operating system's reason ``code``
+    (an errno): space for a full disk, the path for something else in its place, the rights for a
+    refusal."""
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "free some space"
-    if errno in (codes.EISDIR, codes.ENOTDIR, codes.EEXIST, codes.ENOTEMPTY):
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
         return f"move away what is in the place of {path} (a folder for a file, or the reverse)"
-    if errno in (codes.EACCES, codes.EPERM, codes.EROFS):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {path} writable"
     return f"fix what stops writing {path}"

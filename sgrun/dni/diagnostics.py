@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sgrun.dni.interface import interfaces_of
-from sgrun.dni.units import per_example
+from sgrun.dni.units import example_cosine, per_example
 
 
 @contextmanager
@@ -80,7 +80,7 @@ def gradient_quality(model: nn.Module,
             continue
         true = per_example(g).flatten(1)  # per-example units, as the synthesizer predicts
         pred = delta_hat.flatten(1)
-        cos = nn.functional.cosine_similarity(pred, true, dim=1, eps=1e-12).mean()
+        cos = example_cosine(pred, true)
         mse = (pred - true).pow(2).sum(1).mean()
         out[name] = {"cosine": float(cos), "mse": float(mse)}
     return out

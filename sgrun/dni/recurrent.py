@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from sgrun.dni.diagnostics import preserved_batchnorm
 from sgrun.dni.interface import MODES
 from sgrun.dni.synthesizers import GradientSynthesizer
-from sgrun.dni.units import injected, per_example, regression_loss
+from sgrun.dni.units import example_cosine, injected, per_example, regression_loss
 from sgrun.errors import ConfigError
 
 State = Tensor | tuple[Tensor, ...]  # the carried state: one [B, S] tensor or e.g. (h, c)
@@ -378,7 +378,6 @@ def future_gradient_quality(model, state: Tensor, future, k: int, step_loss,
         target = per_example(torch.autograd.grad(discounted, s)[0])
         with torch.no_grad():
             pred = model.synthesizer(s)
-    cos = nn.functional.cosine_similarity(pred, true, dim=1, eps=1e-12).mean()
-    cos_target = nn.functional.cosine_similarity(pred, target, dim=1, eps=1e-12).mean()
+    cos, cos_target = example_cosine(pred, true), example_cosine(pred, target)
     return {"cosine": float(cos), "cosine_target": float(cos_target),
             "mse_true": float((pred - true).pow(2).sum(1).mean())}

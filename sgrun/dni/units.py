@@ -30,6 +30,13 @@ def regression_loss(diff: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).flatten(1).sum(1).mean()
 
 
+def example_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of the cosine between each example's prediction and its target (SG
+    quality), of two ``[B, ...]`` tensors in per-example units."""
+    return torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1,
+                                                 eps=1e-12).mean()
+
+
 def regression_grad(diff: torch.Tensor) -> torch.Tensor:
     """The gradient of :func:`regression_loss` w.r.t. the prediction: ``2 diff / B``."""
     return diff * (2.0 / diff.shape[0])

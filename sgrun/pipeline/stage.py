@@ -26,7 +26,13 @@ from sgrun.build import (
     placement_of,
 )
 from sgrun.dni import interfaces_of
-from sgrun.dni.units import injected, per_example, regression_grad, regression_loss
+from sgrun.dni.units import (
+    example_cosine,
+    injected,
+    per_example,
+    regression_grad,
+    regression_loss,
+)
 from sgrun.errors import ConfigError, SgrunError
 from sgrun.guard import check_finite
 from sgrun.metrics import Writer
@@ -287,9 +293,7 @@ class Stage:
         diff = delta_hat.detach() - target
         self.sg_losses.append((step, float(regression_loss(diff))))
         if self.sg_quality:  # mean over examples, as sgrun.dni.gradient_quality measures it
-            cos = nn.functional.cosine_similarity(delta_hat.detach().flatten(1),
-                                                  target.flatten(1), dim=1, eps=1e-12).mean()
-            self.cosines.append((step, float(cos)))
+            self.cosines.append((step, float(example_cosine(delta_hat.detach(), target))))
         self._late_step(self.boundary.synthesizer, self.synth_opt, self.synth_sched, delta_hat,
                         snapshot, regression_grad(diff), update)
         self.stale.append((step, self.step - step))

@@ -164,7 +164,10 @@ def _main(cfg: DictConfig) -> float | None:
         return None
     task = TASKS.get(cfg.model.family)
     value = metrics.get(task.primary if task else "test_error")
-    what = cfg.get("name") or f"model={cfg.model.name} data={cfg.data.name} dni={cfg.dni.name}"
+    # the groups as chosen (dni=every_layer, not its method "dni"); the data the family chose
+    chosen = hc.runtime.choices
+    what = cfg.get("name") or (f"model={chosen.get('model')} data={cfg.data.name} "
+                               f"dni={chosen.get('dni')}")
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: "
           f"{task.headline(metrics)}")
     print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")

@@ -21,7 +21,9 @@ import io
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,9 +280,7 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
     loop_start, eval_time = tick - seconds_before, 0.0
     model.train()
     step = first - 1
-    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
-        bar = tqdm(total=steps, initial=first - 1, desc="train", unit="step", disable=None,
-                   dynamic_ncols=True)
+    with progress(steps, first - 1) as bar:
         for step in range(first, steps + 1):
             task.step = step
             logging_step = step % log_every == 0 or step == steps
@@ -336,7 +336,6 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
             session.step_done(step, steps, loop_state)
             if task.should_stop():
                 break
-        bar.close()
     metrics = task.final_metrics(step)
     if seconds:
         metrics["seconds"] = seconds
@@ -347,6 +346,22 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         log.info("stochastic updates: %d of %d layer-group updates skipped", skipped,
                  step * len(groups))
     return metrics, model
+
+
+@contextlib.contextmanager
+def progress(total: int, initial: int = 0, show: bool = True) -> Iterator[tqdm]:
+    """The one progress bar of sgrun (``fit``'s, and the pipeline's rank 0's): drawn on a terminal
+    only, with every log line written above it instead of onto it; ``show=False`` draws nothing."""
+    # a thread lock, not tqdm's default multiprocessing one: a pipeline stage that is killed would
+    # leak that one's semaphore (and Python would say so on the run's last line)
+    tqdm.set_lock(threading.RLock())
+    with logging_redirect_tqdm(loggers=[logging.getLogger()]):
+        bar = tqdm(total=total, initial=initial, desc="train", unit="step",
+                   disable=None if show else True, dynamic_ncols=True)
+        try:
+            yield bar
+        finally:
+            bar.close()
 
 
 ESTIMATE_AFTER = 5.0  # seconds of training before the run's time is estimated (or the first log)

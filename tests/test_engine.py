@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clirun import sgrun
+from clirun import log_lines_above_the_bar, on_terminal, sgrun
 from configs import PRESETS, make_cfg
 from omegaconf import OmegaConf
 
@@ -149,6 +149,15 @@ def test_one_progress_bar_and_one_guard_in_the_package():
     bars = [p for p, s in sources.items() if re.search(r"\btqdm\(", s)]
     guards = [p for p, s in sources.items() if re.search(r"def check_finite\b", s)]
     assert [p.name for p in bars] == ["train.py"] and [p.name for p in guards] == ["guard.py"]
+
+
+def test_on_a_terminal_the_bar_is_drawn_and_log_lines_go_above_it(tmp_path):
+    code, shown = on_terminal("data=synthetic", "device=cpu", "train.steps=40",
+                              "train.eval_every=10", "train.log_every=10", cwd=tmp_path)
+    assert code == 0, shown[-2000:]
+    assert "train: 100%" in shown and "40/40" in shown
+    assert shown.count("test error") >= 4  # every evaluation's line is there, none overwritten
+    assert not log_lines_above_the_bar(shown)
 
 
 def test_a_key_no_part_of_sgrun_reads_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import clirun
 import pytest
 import torch
-from clirun import sgrun
+from clirun import log_lines_above_the_bar, on_terminal, sgrun
 from configs import make_cfg
 
 from sgrun.errors import ConfigError
@@ -291,6 +291,17 @@ def test_ctrl_c_stops_every_process(tmp_path):
     time.sleep(0.5)
     assert not any(alive(p) for p in stages)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_rank_0_draws_the_engine_bar_on_a_terminal(tmp_path):
+    code, shown = on_terminal(*TINY, "dni=every_layer", *PIPE, "runtime.stages=2",
+                              cwd=tmp_path)
+    assert code == 0, shown[-2000:]
+    # one bar (rank 0's), drawn from 0 to 12 and redrawn below each log line
+    assert shown.count("train:   0%") == 1 and "train: 100%" in shown and "12/12" in shown
+    assert "step 6/12" in shown and "step 12/12" in shown
+    assert not log_lines_above_the_bar(shown)
+    assert "leaked" not in shown
 
 
 def test_torchrun_launch(tmp_path):

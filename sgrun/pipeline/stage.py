@@ -38,7 +38,7 @@ from sgrun.guard import check_finite
 from sgrun.metrics import Writer
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import Classification
-from sgrun.train import budget_line, estimate_line
+from sgrun.train import budget_line, estimate_line, progress
 from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
@@ -408,46 +408,50 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     result = None
     try:
         tick, t_train = time.time(), 0.0
-        for step in range(1, steps + 1):
-            stage.train_step()
-            evaluating = step % eval_every == 0 or step == steps
-            if evaluating or step % log_every == 0:
-                # the divergence guard of the in-process engine, on this stage's losses since the
-                # last report
-                check_finite(stage.finite_check_values(), step, lr, None)
-            if evaluating:
-                if not stage.locked:
-                    stage.take_targets(drain=True)
-                stage.flush()
-                t_train += time.time() - tick
-                gathered = [None] * world if rank == 0 else None
-                dist.gather_object((stage.state(full_names), stage.report(), t_train), gathered,
-                                   dst=0, group=ctrl)
-                if rank == 0:
-                    state = {}
-                    for part in gathered:
-                        state.update(part[0])
-                    model.load_state_dict(state)
-                    writer.scalars(task.evaluate(step), step)
-                    seconds.append(round(max(p[2] for p in gathered), 3))
-                    rate = step * stage.batch / max(seconds[-1], 1e-9)
-                    writer.scalar("perf/samples_per_sec", rate, step)
-                    curves.add(gathered)
-                    curves.write(upto=step)
-                    for s, cut in enumerate(staleness):
-                        for k, stale in ((0, gathered[s][1]["stale"]),
-                                         (3, gathered[s + 1][1]["in_stale"])):
-                            acc, late = staleness[cut], [v for _, v in stale]
-                            acc[k], acc[k + 1] = acc[k] + sum(late), acc[k + 1] + len(late)
-                            acc[k + 2] = max([acc[k + 2], *late])
-                    log.info("step %d/%d  %.0f samples/s (the slowest stage's training time)",
-                             step, steps, rate)
-                    if len(seconds) == 1 and step < steps:
-                        log.info("%s", estimate_line(step, seconds[0], steps))
-                # every stage restarts its clock after rank 0's evaluation, so that no stage counts
-                # the time it would otherwise spend waiting on the evaluating stage as training time
-                dist.barrier(group=ctrl)
-                tick = time.time()
+        with progress(steps, show=rank == 0) as bar:  # rank 0 draws it
+            for step in range(1, steps + 1):
+                stage.train_step()
+                bar.update(1)
+                evaluating = step % eval_every == 0 or step == steps
+                if evaluating or step % log_every == 0:
+                    # the divergence guard of the in-process engine, on this stage's losses
+                    # since the last report
+                    check_finite(stage.finite_check_values(), step, lr, None)
+                if evaluating:
+                    if not stage.locked:
+                        stage.take_targets(drain=True)
+                    stage.flush()
+                    t_train += time.time() - tick
+                    gathered = [None] * world if rank == 0 else None
+                    dist.gather_object((stage.state(full_names), stage.report(), t_train), gathered,
+                                       dst=0, group=ctrl)
+                    if rank == 0:
+                        state = {}
+                        for part in gathered:
+                            state.update(part[0])
+                        model.load_state_dict(state)
+                        writer.scalars(task.evaluate(step), step)
+                        seconds.append(round(max(p[2] for p in gathered), 3))
+                        rate = step * stage.batch / max(seconds[-1], 1e-9)
+                        writer.scalar("perf/samples_per_sec", rate, step)
+                        curves.add(gathered)
+                        curves.write(upto=step)
+                        for s, cut in enumerate(staleness):
+                            for k, stale in ((0, gathered[s][1]["stale"]),
+                                             (3, gathered[s + 1][1]["in_stale"])):
+                                acc, late = staleness[cut], [v for _, v in stale]
+                                acc[k], acc[k + 1] = acc[k] + sum(late), acc[k + 1] + len(late)
+                                acc[k + 2] = max([acc[k + 2], *late])
+                        log.info("step %d/%d  %.0f samples/s (the slowest stage's training time)",
+                                 step, steps, rate)
+                        bar.set_postfix(samples_per_s=f"{rate:.0f}")
+                        if len(seconds) == 1 and step < steps:
+                            log.info("%s", estimate_line(step, seconds[0], steps))
+                    # every stage restarts its clock after rank 0's evaluation, so that no stage
+                    # counts the time it would otherwise spend waiting on the evaluating stage as
+                    # training time
+                    dist.barrier(group=ctrl)
+                    tick = time.time()
         if rank == 0:
             stale = {cut: {"mean": acc[0] / max(acc[1], 1), "max": int(acc[2])}
                      for cut, acc in staleness.items()}

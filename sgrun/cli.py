@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sgrun import sweep, threads
 from sgrun.checkpoint import Interrupted
-from sgrun.errors import SgrunError
+from sgrun.errors import SgrunError, output_fix
 
 
 def conf_dir() -> str:
@@ -135,6 +135,7 @@ def _main(cfg: DictConfig) -> float | None:
         except SgrunError as e:
             fail(str(e))
     out_dir = Path(hc.runtime.output_dir)
+    run_dir = Path(cfg.resume) if cfg.get("resume") else out_dir  # where the run's results are
     multirun = hc.mode == RunMode.MULTIRUN
     (out_dir / FAILED).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
     try:
@@ -144,7 +145,7 @@ def _main(cfg: DictConfig) -> float | None:
         if cfg.runtime.name == "pipeline":
             fail(str(e), code=130)  # it says that pipeline runs keep no checkpoint
         fail(f"{e}; "
-             f"{continue_hint(Path(cfg.resume) if cfg.get('resume') else out_dir, multirun, hc)}",
+             f"{continue_hint(run_dir, multirun, hc)}",
              code=130)
     except SgrunError as e:
         if not multirun:
@@ -170,7 +171,7 @@ def _main(cfg: DictConfig) -> float | None:
                                f"dni={chosen.get('dni')}")
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: "
           f"{task.headline(metrics)}")
-    print(f"sgrun: results in {out_dir}; TensorBoard: tensorboard --logdir {out_dir}")
+    print(f"sgrun: results in {run_dir}; TensorBoard: tensorboard --logdir {run_dir}")
     return value
 
 
@@ -254,7 +255,8 @@ def main() -> None:
         if not (isinstance(error, OSError) and error.filename):
             raise
         fail(f"cannot write {error.filename}: {error.strerror}: "
-             "choose another output folder with hydra.run.dir=<dir>")
+             f"{output_fix(error.errno, error.filename)}, or choose another output folder with "
+             "hydra.run.dir=<dir>")
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     if _failures:

@@ -6,6 +6,7 @@ non-zero without a traceback, so every message must name the problem *and* the f
 """
 
 import errno
+from pathlib import Path
 
 
 class SgrunError(Exception):
@@ -36,6 +37,9 @@ def output_fix(code: int | None, path) -> str:
     refusal."""
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "free some space"
+    if code == errno.ENOTDIR:  # a file where a folder of the path should be: name that file
+        in_the_way = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+        path = in_the_way or path
     if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
         return f"move away what is in the place of {path} (a folder for a file, or the reverse)"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):

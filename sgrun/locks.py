@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sgrun.errors import SgrunError
+from sgrun.errors import SgrunError, output_fix
 
 LOCK = ".sgrun.lock"  # holds the PID of the process that has the folder
 
@@ -52,14 +52,18 @@ class SweepLock(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         folder = Path(config.hydra.sweep.dir)
-        folder.mkdir(parents=True, exist_ok=True)
         stack = contextlib.ExitStack()
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             stack.enter_context(folder_lock(folder, what="another sgrun sweep",
                                             fix="choose another folder with hydra.sweep.dir=<dir>"))
-        except SgrunError as e:
+        except (SgrunError, OSError) as e:
             # Hydra turns a callback's exception into a warning and goes on: stop here instead
-            sys.stderr.write(f"sgrun: error: {e}\n")
+            message = str(e) if isinstance(e, SgrunError) else (
+                f"cannot write {e.filename or folder}: {e.strerror}: "
+                f"{output_fix(e.errno, e.filename or folder)}, or choose another folder with "
+                "hydra.sweep.dir=<dir>")
+            sys.stderr.write(f"sgrun: error: {message}\n")
             raise SystemExit(2) from None
         self._held = stack
 

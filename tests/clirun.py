@@ -68,3 +68,8 @@ def log_lines_above_the_bar(shown: str) -> list[str]:
     return [shown[max(m.start() - 40, 0):m.end()]
             for m in re.finditer(r"\[\d{4}-\d\d-\d\d [\d:,]+\]\[sgrun\]", shown)
             if m.start() > 0 and shown[m.start() - 1] not in "\r\n"]
+
+
+def remount(path, options: str) -> None:
+    """Remount the ``small_disk`` at ``path`` with ``options`` (``size=20m``, ``ro``, ``rw``)."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)

@@ -68,3 +68,28 @@ def unwritable_folder(tmp_path, read_only):
     folder = tmp_path / "read_only"
     folder.mkdir()
     return read_only(folder)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: a real file system of ``size`` (a tmpfs, e.g. ``"7m"``) mounted in
+    ``tmp_path``, to fill, remount larger or read-only (``remount(path, options)``) for real.
+    Needs root (to mount); skips elsewhere.  Unmounted at the end of the test."""
+    import subprocess
+
+    mounted = []
+
+    def make(size: str, name: str = "disk"):
+        path = tmp_path / name
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a file system here ({done.stderr.strip()}): root only")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+

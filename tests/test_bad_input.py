@@ -250,6 +250,8 @@ def test_disk_full_while_tensorboard_writes(tmp_path, after):
     again = sgrun(*SMOKE, *run[:-1], f"resume={(tmp_path / 'new').resolve()}", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "new" / "summary.json").exists()
+    # the results are in the resumed folder, not in the new one Hydra made for this command
+    assert f"results in {(tmp_path / 'new').resolve()};" in again.stdout
 
 
 @pytest.mark.parametrize("name, make", [

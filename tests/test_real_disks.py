@@ -113,3 +113,22 @@ def test_a_sweep_into_a_read_only_mount_is_one_line(tmp_path, small_disk):
                           cwd=tmp_path))
     assert "cannot write" in line and str(disk) in line
     assert not list(disk.iterdir())
+
+
+def test_a_sweep_on_a_disk_that_fills_is_redone_by_the_same_command(tmp_path, small_disk):
+    # job 0's first checkpoint fits, its second does not; job 1 finds the disk full at once.
+    # Both are marked failed (not finished); with space again the same sweep command resumes
+    # job 0 from its checkpoint, trains job 1 and finishes both
+    disk = small_disk("7m")
+    sweep = ["-m", *RUN, "checkpoint.every=5", "seed=0,1", f"hydra.sweep.dir={disk / 'sweep'}"]
+    r = sgrun(*sweep, cwd=tmp_path)
+    assert r.returncode == 1 and "2 job(s) of the sweep failed" in r.stderr.strip().splitlines()[-1]
+    jobs = sorted(p for p in (disk / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all((job / "FAILED").exists() for job in jobs)
+    assert not any((job / "summary.json").exists() for job in jobs)
+    remount(disk, "size=40m")
+    again = sgrun(*sweep, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "2 finished" in again.stdout
+    assert "from step 5" in (jobs[0] / "cli.log").read_text()
+    assert all((job / "summary.json").exists() and not (job / "FAILED").exists() for job in jobs)

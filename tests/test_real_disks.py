@@ -132,3 +132,22 @@ def test_a_sweep_on_a_disk_that_fills_is_redone_by_the_same_command(tmp_path, sm
     assert "2 finished" in again.stdout
     assert "from step 5" in (jobs[0] / "cli.log").read_text()
     assert all((job / "summary.json").exists() and not (job / "FAILED").exists() for job in jobs)
+
+
+def test_a_pipeline_on_a_disk_that_fills_is_one_line_and_runs_again(tmp_path, small_disk):
+    # rank 0 hands the assembled weights to the launching process through a file: on a full disk
+    # that write is one line with its fix (it was torch's internal error and a traceback), no
+    # half-written file stays, and the same command runs once there is space
+    disk = small_disk("1m")
+    args = ["data=synthetic", "device=cpu", "train.steps=12", "train.eval_every=6",
+            "train.batch_size=32", "dni=every_layer", "runtime=pipeline", "runtime.threads=1",
+            f"hydra.run.dir={disk / 'run'}"]
+    line = one_line(sgrun(*args, cwd=tmp_path))
+    assert "pipeline stage 0: could not write" in line and "No space left on device" in line
+    assert "free some space and run the command again" in line and "not marked finished" in line
+    assert not [p.name for p in (disk / "run").iterdir() if p.name.endswith((".pt", ".tmp"))]
+    assert not (disk / "run" / "summary.json").exists()
+    remount(disk, "size=30m")
+    again = sgrun(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (disk / "run" / "summary.json").exists() and (disk / "run" / "model.pt").exists()

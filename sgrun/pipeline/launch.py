@@ -15,7 +15,7 @@ from torch import nn
 
 from sgrun.build import build_images, check_runtime_family
 from sgrun.checkpoint import Interrupted
-from sgrun.errors import ConfigError, SgrunError
+from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.pipeline.split import check_schedule, max_inflight, plan_split
 from sgrun.pipeline.stage import RESULT, full_model, spawned, stage_main
 
@@ -94,7 +94,7 @@ def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> di
                 raise Interrupted("interrupted: all pipeline stages stopped (pipeline runs keep no "
                                   "checkpoint)")
     except mp.ProcessExitedException as e:
-        raise SgrunError(stage_failure(e, errors)) from None
+        raise stage_failure(e, errors) from None
     except mp.ProcessRaisedException as e:  # not expected: stages report through `errors`
         raise SgrunError(f"a pipeline stage failed: {str(e).strip().splitlines()[-1]}") from None
     finally:
@@ -110,8 +110,9 @@ def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> di
     return result
 
 
-def stage_failure(e, errors) -> str:
-    """The failing stage's own error, not its neighbours' broken connections."""
+def stage_failure(e, errors) -> SgrunError:
+    """The failing stage's own error, not its neighbours' broken connections; a failed write stays
+    one (:class:`OutputWriteError`), so that the engine adds its fix."""
     reports = []
     while not errors.empty():
         reports.append(errors.get())
@@ -119,10 +120,14 @@ def stage_failure(e, errors) -> str:
     first = own[0] if own else (reports[0] if reports else None)
     if e.exit_code is not None and e.exit_code < 0 and not own:
         name = signal.Signals(-e.exit_code).name
-        return f"pipeline stage {e.error_index} was killed ({name}); all stages stopped: run again"
+        return SgrunError(f"pipeline stage {e.error_index} was killed ({name}); all stages "
+                          "stopped: run again")
     if first is None:
-        return f"pipeline stage {e.error_index} exited with code {e.exit_code}; all stages stopped"
-    rank, message, trace = first
+        return SgrunError(f"pipeline stage {e.error_index} exited with code {e.exit_code}; all "
+                          "stages stopped")
+    rank, message, trace, write = first
     if trace:
         log.error("pipeline stage %d:\n%s", rank, trace)
-    return f"pipeline stage {rank}: {message}"
+    if write is not None:
+        return OutputWriteError(f"pipeline stage {rank}: {message}", *write)
+    return SgrunError(f"pipeline stage {rank}: {message}")

@@ -4,9 +4,11 @@ its training step (see :mod:`sgrun.pipeline`), and the process that runs it."""
 from __future__ import annotations
 
 import datetime
+import io
 import logging
 import os
 import signal
+import sys
 import time
 import traceback
 from collections import defaultdict, deque
@@ -33,9 +35,9 @@ from sgrun.dni.units import (
     regression_grad,
     regression_loss,
 )
-from sgrun.errors import ConfigError, SgrunError
+from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.guard import check_finite
-from sgrun.metrics import Writer
+from sgrun.metrics import Writer, write_bytes_atomic
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import Classification
 from sgrun.train import budget_line, estimate_line, progress
@@ -523,17 +525,26 @@ def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops everyone
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO,
+    # log lines on stdout, as Hydra's console handler writes the launching process's: stderr
+    # keeps only the run's error
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    # what goes to the parent: (rank, message, traceback or None, (errno, path) of a failed write
+    # or None)
     try:
         result = stage_main(rank, world, cfg, out_dir)
-        if result is not None:
-            torch.save(result, Path(out_dir) / RESULT)
+        if result is not None:  # rank 0: the metrics and the assembled weights, for the parent
+            buf = io.BytesIO()
+            torch.save(result, buf)
+            write_bytes_atomic(Path(out_dir) / RESULT, buf.getvalue())  # whole or not at all
+    except OutputWriteError as e:
+        errors.put((rank, str(e), None, (e.errno, str(e.path))))
+        raise SystemExit(3) from None
     except SgrunError as e:
-        errors.put((rank, str(e), None))
+        errors.put((rank, str(e), None, None))
         raise SystemExit(3) from None
     except BaseException as e:  # noqa: BLE001 - reported by the parent
-        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc(), None))
         raise SystemExit(3) from None
 
 

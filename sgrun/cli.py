@@ -165,10 +165,12 @@ def _main(cfg: DictConfig) -> float | None:
         return None
     task = TASKS.get(cfg.model.family)
     value = metrics.get(task.primary if task else "test_error")
-    # the groups as chosen (dni=every_layer, not its method "dni"); the data the family chose
+    # the groups as chosen (dni=every_layer, not its method "dni"), the data the family chose; a
+    # dni= not typed is the family's own default (model=rnn maps the default dni=cdni to every_k)
     chosen = hc.runtime.choices
-    what = cfg.get("name") or (f"model={chosen.get('model')} data={cfg.data.name} "
-                               f"dni={chosen.get('dni')}")
+    typed_dni = any(o.startswith("dni=") for o in hc.overrides.task)
+    what = cfg.get("name") or (f"model={chosen.get('model')} data={cfg.data.name}"
+                               + (f" dni={chosen.get('dni')}" if typed_dni else ""))
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: "
           f"{task.headline(metrics)}")
     print(f"sgrun: results in {run_dir}; TensorBoard: tensorboard --logdir {run_dir}")

@@ -160,6 +160,12 @@ def test_on_a_terminal_the_bar_is_drawn_and_log_lines_go_above_it(tmp_path):
     assert not log_lines_above_the_bar(shown)
 
 
+def test_the_end_line_names_the_option_as_typed(tmp_path):
+    r = sgrun("data=synthetic", "profile=smoke", "dni=every_layer", cwd=tmp_path)
+    end = [ln for ln in r.stdout.splitlines() if "finished in" in ln]
+    assert r.returncode == 0 and end and "model=fcn data=synthetic dni=every_layer " in end[0]
+
+
 def test_a_key_no_part_of_sgrun_reads_is_refused(tmp_path):
     r = sgrun("+foo=1", "data=synthetic", "profile=smoke", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'foo'" in r.stderr
@@ -179,6 +185,8 @@ def test_each_family_runs_as_typed_and_names_its_metric(tmp_path, model):
     finished = [ln for ln in r.stdout.splitlines() if "finished in" in ln]
     metric = {"rnn": "largest N solved", "hrnn": "held-out error of B", "cnn": "test error"}[model]
     assert finished and metric in finished[0] and "primary" not in finished[0]
+    # the family's own default synthesizer, not the feed-forward default's name
+    assert f"model={model} " in finished[0] and "dni=cdni" not in finished[0]
 
 
 @pytest.mark.parametrize("args, fix", [

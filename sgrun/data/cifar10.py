@@ -36,7 +36,7 @@ BATCH_FOLDER = "cifar-10-batches-py"
 NUM_CLASSES = 10
 PIXELS = 3 * 32 * 32  # one row of a batch's data: 1024 red, then 1024 green, then 1024 blue
 
-FIX = "delete it and run again to re-fetch, or put the official file there"
+FIX = fetch.FIX
 
 
 def load_cifar10(data_dir: str | Path, download: bool = True,

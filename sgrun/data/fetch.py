@@ -52,6 +52,11 @@ def one_line(text: object) -> str:
 # where the files live
 
 
+# the fix for a dataset file that is wrong: fetched again only where the download is allowed
+REFETCH = "delete it and run again to re-fetch it (with data.download=true, the default)"
+FIX = f"{REFETCH}, or put the official file there"
+
+
 def dataset_folder(data_dir: str | os.PathLike, name: str) -> Path:
     """``<data_dir>/<name>``, refused in one line when a file stands where a folder belongs."""
     root = Path(data_dir).expanduser()
@@ -68,8 +73,8 @@ def present(path: Path) -> bool:
     (never "not found", and never fetched over)."""
     if path.exists() and not path.is_file():
         raise DataError(f"{path} is a folder, not the dataset file of that name: "
-                        "remove it (or move it away) and run again to fetch the file, "
-                        "or put the file there")
+                        "remove it (or move it away) and run again to fetch the file (with "
+                        "data.download=true, the default), or put the file there")
     return path.is_file()
 
 
@@ -102,7 +107,7 @@ def read_bytes(path: Path) -> bytes:
         # gzip.BadGzipFile is an OSError; a cut-off gzip stream is an EOFError.
         raise DataError(
             f"{path} is not a readable {'gzip ' if is_gzip(path) else ''}file ({one_line(e)}): "
-            "delete it and run again to re-fetch, or put the official file there"
+            + FIX
         ) from None
 
 
@@ -141,8 +146,7 @@ def check_md5(path: Path, data: bytes, expected: str) -> None:
     if actual != expected:
         raise DataError(
             f"{path} fails its checksum (md5 {actual}, expected {expected}): the file is corrupt, "
-            "truncated or not the official one; delete it and run again to re-fetch, "
-            "or put the official file there"
+            f"truncated or not the official one; {FIX}"
         )
 
 

@@ -38,7 +38,7 @@ IDX_UBYTE = 0x08
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 
-FIX = "delete it and run again to re-fetch, or put the official file there"
+FIX = fetch.FIX
 
 
 def load_mnist(data_dir: str | Path, download: bool = True,

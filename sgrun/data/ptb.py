@@ -43,6 +43,7 @@ from torch import Tensor
 
 from sgrun.data.fetch import (
     DOWNLOAD_TIMEOUT,
+    REFETCH,
     FetchFailed,
     announce,
     check_md5,
@@ -126,7 +127,7 @@ def load_ptb_chars(
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}): "
                             "put Mikolov's ptb.<split>.txt there, "
-                            "or delete it and run again to re-fetch") from None
+                            f"or {REFETCH}") from None
         chars[split] = to_chars(text)
     vocab = sorted(set(chars["train"]) | {EOL})
     index = {c: i for i, c in enumerate(vocab)}

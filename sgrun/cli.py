@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sgrun import sweep, threads
 from sgrun.checkpoint import Interrupted
-from sgrun.errors import SgrunError, output_fix
+from sgrun.errors import SgrunError, write_failure
 
 
 def conf_dir() -> str:
@@ -127,8 +127,9 @@ def _main(cfg: DictConfig) -> float | None:
         key = added[0][1:]
         fail(f"sgrun reads no key {key!r} (a '+' adds a key that no part of sgrun uses): "
              + nearest_key(cfg, key) + "list the valid keys with: sgrun --cfg job")
+    typed_dni = any(o.startswith("dni=") for o in hc.overrides.task)
     # a preset's own choice is right by construction
-    if any(o.startswith("dni=") for o in hc.overrides.task):
+    if typed_dni:
         try:
             check_runtime_family(cfg.runtime.name, cfg.model.family, cfg.model.name)
             check_family_dni(cfg.model.family, cfg.model.name, hc.runtime.choices.get("dni"))
@@ -168,7 +169,6 @@ def _main(cfg: DictConfig) -> float | None:
     # the groups as chosen (dni=every_layer, not its method "dni"), the data the family chose; a
     # dni= not typed is the family's own default (model=rnn maps the default dni=cdni to every_k)
     chosen = hc.runtime.choices
-    typed_dni = any(o.startswith("dni=") for o in hc.overrides.task)
     what = cfg.get("name") or (f"model={chosen.get('model')} data={cfg.data.name}"
                                + (f" dni={chosen.get('dni')}" if typed_dni else ""))
     print(f"sgrun: {what} finished in {metrics.get('minutes', 0.0):.1f} min: "
@@ -256,9 +256,7 @@ def main() -> None:
         error = e if isinstance(e, OSError) else e.__cause__
         if not (isinstance(error, OSError) and error.filename):
             raise
-        fail(f"cannot write {error.filename}: {error.strerror}: "
-             f"{output_fix(error.errno, error.filename)}, or choose another output folder with "
-             "hydra.run.dir=<dir>")
+        fail(write_failure(error, error.filename, "hydra.run.dir"))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     if _failures:

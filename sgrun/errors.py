@@ -45,3 +45,11 @@ def output_fix(code: int | None, path) -> str:
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {path} writable"
     return f"fix what stops writing {path}"
+
+
+def write_failure(error: OSError, path, option: str) -> str:
+    """The one line for an output folder that cannot be written: the file, the reason, its fix and
+    the Hydra ``option`` that chooses another folder (``hydra.run.dir`` or ``hydra.sweep.dir``)."""
+    path = error.filename or path
+    return (f"cannot write {path}: {error.strerror}: {output_fix(error.errno, path)}, or choose "
+            f"another output folder with {option}=<dir>")

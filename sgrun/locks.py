@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sgrun.errors import SgrunError, output_fix
+from sgrun.errors import SgrunError, write_failure
 
 LOCK = ".sgrun.lock"  # holds the PID of the process that has the folder
 
@@ -59,10 +59,8 @@ class SweepLock(Callback):
                                             fix="choose another folder with hydra.sweep.dir=<dir>"))
         except (SgrunError, OSError) as e:
             # Hydra turns a callback's exception into a warning and goes on: stop here instead
-            message = str(e) if isinstance(e, SgrunError) else (
-                f"cannot write {e.filename or folder}: {e.strerror}: "
-                f"{output_fix(e.errno, e.filename or folder)}, or choose another folder with "
-                "hydra.sweep.dir=<dir>")
+            message = (str(e) if isinstance(e, SgrunError)
+                       else write_failure(e, folder, "hydra.sweep.dir"))
             sys.stderr.write(f"sgrun: error: {message}\n")
             raise SystemExit(2) from None
         self._held = stack

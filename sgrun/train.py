@@ -202,7 +202,7 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     # summary, written last, marks the run finished.
     files = file_records(out_dir / "tb", out_dir)
     files[MODEL] = write_bytes_atomic(out_dir / MODEL,
-                                      _saved(model.state_dict()))  # without optimizer state
+                                      saved_bytes(model.state_dict()))  # without optimizer state
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
@@ -215,7 +215,9 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     return metrics
 
 
-def _saved(obj) -> bytes:
+def saved_bytes(obj) -> bytes:
+    """``obj`` as ``torch.save`` writes it, in memory (for
+    :func:`~sgrun.metrics.write_bytes_atomic`)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()

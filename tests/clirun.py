@@ -12,11 +12,17 @@ def sgrun(*args: str, cwd, env: dict | None = None, module: bool = False,
           unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``unset``: environment variables the command must not see."""
     exe = [sys.executable, "-m", "sgrun"] if module else [shutil.which("sgrun") or "sgrun"]
+    return subprocess.run([*exe, *args], cwd=cwd, env=user_env(cwd, env, unset),
+                          capture_output=True, text=True, timeout=300)
+
+
+def user_env(cwd, env: dict | None = None, unset: tuple[str, ...] = ()) -> dict:
+    """The environment of a user's command: data under ``cwd/data``, sgrun's own error handling
+    (no ``HYDRA_FULL_ERROR``), ``env`` added and ``unset`` removed."""
     full_env = {**os.environ, "SGRUN_DATA_DIR": str(cwd / "data"), **(env or {})}
     for name in ("HYDRA_FULL_ERROR", *unset):
         full_env.pop(name, None)
-    return subprocess.run([*exe, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=300)
+    return full_env
 
 
 def trained(tmp_path, name: str, *args: str, env: dict | None = None) -> tuple[dict, dict]:
@@ -43,10 +49,9 @@ def on_terminal(*args: str, cwd, env: dict | None = None) -> tuple[int, str]:
     master, slave = pty.openpty()
     # a terminal of 24 rows and 120 columns (a new pseudo-terminal has none)
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    full_env = {**os.environ, "SGRUN_DATA_DIR": str(cwd / "data"), **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.Popen([shutil.which("sgrun") or "sgrun", *args], cwd=cwd, env=full_env,
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    proc = subprocess.Popen([shutil.which("sgrun") or "sgrun", *args], cwd=cwd,
+                            env=user_env(cwd, env), stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave)
     os.close(slave)
     shown = bytearray()
     while True:

@@ -53,7 +53,8 @@ def one_line(text: object) -> str:
 
 
 # the fix for a dataset file that is wrong: fetched again only where the download is allowed
-REFETCH = "delete it and run again to re-fetch it (with data.download=true, the default)"
+WITH_DOWNLOAD = "(with data.download=true, the default)"
+REFETCH = f"delete it and run again to re-fetch it {WITH_DOWNLOAD}"
 FIX = f"{REFETCH}, or put the official file there"
 
 
@@ -73,8 +74,8 @@ def present(path: Path) -> bool:
     (never "not found", and never fetched over)."""
     if path.exists() and not path.is_file():
         raise DataError(f"{path} is a folder, not the dataset file of that name: "
-                        "remove it (or move it away) and run again to fetch the file (with "
-                        "data.download=true, the default), or put the file there")
+                        f"remove it (or move it away) and run again to fetch the file "
+                        f"{WITH_DOWNLOAD}, or put the file there")
     return path.is_file()
 
 

@@ -4,7 +4,6 @@ its training step (see :mod:`sgrun.pipeline`), and the process that runs it."""
 from __future__ import annotations
 
 import datetime
-import io
 import logging
 import os
 import signal
@@ -40,7 +39,7 @@ from sgrun.guard import check_finite
 from sgrun.metrics import Writer, write_bytes_atomic
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import Classification
-from sgrun.train import budget_line, estimate_line, progress
+from sgrun.train import budget_line, estimate_line, progress, saved_bytes
 from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
@@ -534,9 +533,7 @@ def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: 
     try:
         result = stage_main(rank, world, cfg, out_dir)
         if result is not None:  # rank 0: the metrics and the assembled weights, for the parent
-            buf = io.BytesIO()
-            torch.save(result, buf)
-            write_bytes_atomic(Path(out_dir) / RESULT, buf.getvalue())  # whole or not at all
+            write_bytes_atomic(Path(out_dir) / RESULT, saved_bytes(result))  # whole or nothing
     except OutputWriteError as e:
         errors.put((rank, str(e), None, (e.errno, str(e.path))))
         raise SystemExit(3) from None

@@ -85,6 +85,9 @@ def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> di
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     log.info("pipeline: %d stages, %d thread(s) each, port %d", world, threads, port)
+    # when one stage fails, torch stops the others itself and warns about each on stderr; the
+    # failing stage's one line says what happened (the rest are stopped below in any case)
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     procs = mp.start_processes(spawned,
                                args=(world, container, str(out_dir), port, threads, errors),
                                nprocs=world, join=False, start_method="spawn")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -188,8 +189,9 @@ def mark_failed(out_dir: Path, text: str) -> None:
         log.error("%s", e)
 
 
-def nearest_key(cfg: DictConfig, key: str) -> str:
-    """"did you mean <key>? " for the existing key closest to ``key`` (same group first), or ""."""
+def nearest_key(cfg: DictConfig, key: str, hint: str = " (set it without the '+');") -> str:
+    """"did you mean <key>?<hint> " for the existing key closest to ``key`` (same group first), or
+    ""."""
     def leaves(node, prefix=""):
         for k, v in node.items_ex(resolve=False) if isinstance(node, DictConfig) else ():
             path = f"{prefix}{k}"
@@ -202,7 +204,27 @@ def nearest_key(cfg: DictConfig, key: str) -> str:
     near = (difflib.get_close_matches(key, [k for k in keys if k.startswith(group)], n=1,
                                       cutoff=0.6)
             or difflib.get_close_matches(key, keys, n=1, cutoff=0.6))
-    return f"did you mean {near[0]}? (set it without the '+'); " if near else ""
+    return f"did you mean {near[0]}?{hint} " if near else ""
+
+
+def unknown_key(text: str) -> str | None:
+    """Hydra's "Could not override 'train.stepz'. To append to your config use +train.stepz=5" as
+    sgrun's line: the '+' it suggests would only be refused, so name the nearest key instead (found
+    in the config the other overrides compose); None for another error."""
+    found = re.search(r"Could not override '([^']+)'", text)
+    if not found or found.group(1).startswith("hydra."):
+        return None
+    key = found.group(1)
+    rest = [a for a in sys.argv[1:] if not a.startswith("-") and "=" in a
+            and a.split("=", 1)[0].lstrip("+~") != key and not a.startswith("hydra.")]
+    try:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            near = nearest_key(compose("config", overrides=rest), key, hint="")
+    except Exception:  # noqa: BLE001 - the suggestion is a courtesy; the line is said without it
+        near = ""
+    return f"sgrun has no key {key!r}: {near}list the valid keys with: sgrun --cfg job"
 
 
 def continue_hint(out_dir: Path, multirun: bool, hc) -> str:
@@ -244,7 +266,7 @@ def main() -> None:
     except SgrunError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
-        fail(one_line(e))
+        fail(unknown_key(str(e)) or one_line(e))
     except PermissionError as e:
         fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with "
              "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m)")

@@ -122,7 +122,8 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
         log.info("%s already holds this finished run: nothing to do", out_dir)
         return finished
     if cfg.get("resume") and not out_dir.is_dir():
-        raise SgrunError(f"resume={out_dir}: no such folder: give the folder of an interrupted run")
+        what = "a file, not a folder" if out_dir.exists() else "no such folder"
+        raise SgrunError(f"resume={out_dir}: {what}: give the folder of an interrupted run")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
         # under torchrun, rank 0 holds the folder

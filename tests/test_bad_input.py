@@ -13,7 +13,8 @@ CASES = {
     # name: (overrides, words the one-line message must contain)
     "unknown group option": (["dni=sometimes"], ["dni/sometimes", "Available options", "cdni"]),
     "unknown model": (["model=transformer"], ["model/transformer", "fcn"]),
-    "misspelled key": (["model.layrs=3"], ["model.layrs", "sgrun --cfg job"]),
+    "misspelled key": (["model.layrs=3"],
+                       ["no key 'model.layrs'", "did you mean model.layers?", "sgrun --cfg job"]),
     "wrong type": (["model.layers=three"], ["model.layers must be an integer", "model.layers=3"]),
     "too few layers": (["model.layers=1"], ["model.layers must be >= 2", "model.layers=3"]),
     "negative learning rate": (["optim.lr=-0.001"], ["optim.lr must be > 0", "optim.lr="]),
@@ -268,3 +269,17 @@ def test_something_in_the_place_of_an_output_is_named_with_its_fix(tmp_path, nam
     assert_one_line_error(r, [f"{run / name}", "move away what is in the place of",
                               "the run is not marked finished"])
     assert "free some space" not in r.stderr
+
+
+def test_misspelled_key_is_not_told_to_add_it_with_a_plus(tmp_path):
+    """Hydra's own fix ("To append to your config use +train.stepz=5") is one sgrun refuses."""
+    r = sgrun(*SMOKE, "train.stepz=5", "hydra.run.dir=new", cwd=tmp_path)
+    assert_one_line_error(r, ["did you mean train.steps?"])
+    assert "+train.stepz" not in r.stderr and "To append" not in r.stderr
+
+
+def test_misspelled_key_in_a_sweep(tmp_path):
+    r = sgrun("-m", *SMOKE, "train.stepz=5,6", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert_one_line_error(r, ["no key 'train.stepz'", "did you mean train.steps?"])
+    # no job started: only Hydra's record of the sweep and the sweep's lock
+    assert {p.name for p in (tmp_path / "sweep").iterdir()} <= {"multirun.yaml", ".sgrun.lock"}

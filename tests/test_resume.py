@@ -124,6 +124,17 @@ def test_resume_of_a_folder_without_checkpoint(tmp_path):
     assert r.returncode == 2 and "no checkpoint there" in r.stderr
 
 
+@pytest.mark.parametrize("what, make", [("no such folder", None),
+                                        ("a file, not a folder", "write_text")])
+def test_resume_of_what_is_not_a_folder_says_which(tmp_path, what, make):
+    target = tmp_path / "given"
+    if make:
+        target.write_text("x\n")
+    r = sgrun(*RUN, f"resume={target}", cwd=tmp_path)
+    assert r.returncode == 2 and f"resume={target}: {what}:" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / ck.NAME
     ck.write_checkpoint(path, {"step": 1})

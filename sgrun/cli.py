@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sgrun import sweep, threads
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import SgrunError, write_failure
+from sgrun.locks import FolderBusy
 
 
 def conf_dir() -> str:
@@ -152,7 +153,10 @@ def _main(cfg: DictConfig) -> float | None:
     except SgrunError as e:
         if not multirun:
             fail(str(e))  # exits here, before Hydra adds its own multi-line report
-        mark_failed(out_dir, str(e) + "\n")
+        if isinstance(e, FolderBusy):  # the folder's own run goes on: write nothing there
+            sweep.record_busy(out_dir, str(e))
+        else:
+            mark_failed(out_dir, str(e) + "\n")
         log.error("job %s failed: %s", hc.job.num, e)
         return None
     except Exception as e:
@@ -282,5 +286,5 @@ def main() -> None:
     except KeyboardInterrupt:
         fail("interrupted", code=130)
     if _failures:
-        fail(f"{len(_failures)} job(s) of the sweep failed (the others finished): see FAILED in "
-             + ", ".join(_failures), code=1)
+        fail(f"{len(_failures)} job(s) of the sweep failed (the others finished): the table above "
+             "says why; their folders: " + ", ".join(_failures), code=1)

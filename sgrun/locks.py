@@ -18,6 +18,10 @@ from sgrun.errors import SgrunError, write_failure
 LOCK = ".sgrun.lock"  # holds the PID of the process that has the folder
 
 
+class FolderBusy(SgrunError):
+    """Another process holds the folder: nothing of this command may be written there."""
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str = "another sgrun run",
                 fix: str = "choose another folder with hydra.run.dir=<dir>"):
@@ -30,7 +34,7 @@ def folder_lock(folder: Path, what: str = "another sgrun run",
         handle.seek(0)
         pid = handle.read().strip() or "unknown"
         handle.close()
-        raise SgrunError(f"{folder} is in use by {what} (PID {pid}): "
+        raise FolderBusy(f"{folder} is in use by {what} (PID {pid}): "
                          f"wait for it to end, or {fix}") from None
     handle.seek(0)
     handle.truncate()

@@ -32,8 +32,25 @@ def record_job(output_dir: str | Path, num: int, overrides: list[str]) -> None:
     token = os.environ.get(ENV)
     if not token:
         return  # not started by sgrun's sweep callback
-    record = {"sweep": token, "num": int(num), "overrides": list(overrides)}
+    _write_record(Path(output_dir), {"sweep": token, "num": int(num),
+                                     "overrides": list(overrides)})
+
+
+def record_busy(output_dir: str | Path, message: str) -> None:
+    """A job that found its folder held by another process failed without writing ``FAILED``
+    there (the folder's own run is still going): its error goes in its record for the sweep's
+    table and exit status."""
     path = Path(output_dir) / RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(record, dict) and record.get("sweep") == os.environ.get(ENV):
+        _write_record(Path(output_dir), {**record, "busy": message})
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    path = folder / RECORD
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(path)
@@ -60,7 +77,12 @@ def sweep_jobs(sweep_dir: str | Path, token: str) -> list[Job]:
             continue
         overrides = parse_overrides(record.get("overrides", []))
         job = Job(path.parent, int(record.get("num", -1)), overrides)
-        job.status, job.result = outcome(job.folder)
+        if record.get("busy"):  # this sweep's job did not run there: the folder was in use
+            busy = str(record["busy"])  # "<folder> is in use by ... (PID n): <fix>"
+            job.status, job.result = "failed", first_line(
+                "in use by " + busy.split(" is in use by ", 1)[-1].split(":", 1)[0])
+        else:
+            job.status, job.result = outcome(job.folder)
         jobs.append(job)
     return sorted(jobs, key=lambda j: (j.num, str(j.folder)))
 

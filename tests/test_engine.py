@@ -270,6 +270,24 @@ def test_a_second_sweep_into_a_held_sweep_folder_is_one_line(tmp_path):
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == [".sgrun.lock"]  # no job ran
 
 
+def test_a_sweep_job_whose_folder_is_in_use_writes_nothing_there(tmp_path):
+    """The job fails (table, exit 1), but no FAILED lands in the folder of the run still going
+    there, which would mark that run failed once it finishes."""
+    from sgrun.locks import folder_lock
+
+    held = tmp_path / "sweep" / "1_data=synthetic,device=cpu,profile=smoke,seed=1"
+    held.mkdir(parents=True)
+    with folder_lock(held):
+        r = sgrun("-m", "data=synthetic", "profile=smoke", "device=cpu", "seed=0,1",
+                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-800:]
+    assert "1 job(s) of the sweep failed" in r.stderr.strip().splitlines()[-1]
+    assert re.search(r"seed=1 .*in use by.*failed", r.stdout), r.stdout
+    assert not (held / "FAILED").exists() and not (held / "summary.json").exists()
+    assert (tmp_path / "sweep" / "0_data=synthetic,device=cpu,profile=smoke,seed=0"
+            / "summary.json").is_file()
+
+
 def test_the_lock_goes_with_the_process_that_held_it(tmp_path):
     """A SIGKILLed holder leaves no stale lock: the OS releases it with the process."""
     import signal

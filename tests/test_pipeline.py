@@ -282,6 +282,18 @@ def test_a_stage_that_dies_stops_all_with_one_line(tmp_path):
     assert not any(alive(p) for p in stages)
 
 
+def test_stages_end_when_sgrun_itself_is_killed(tmp_path):
+    """A SIGKILLed sgrun cannot stop its stages; they notice and end, so that nothing goes on
+    training into a folder whose lock died with sgrun."""
+    proc, stages = start_long_run(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 15
+    while any(alive(p) for p in stages) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in stages)
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
     proc, stages = start_long_run(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group

@@ -89,7 +89,8 @@ def spawn_stages(cfg: DictConfig, container: dict, out_dir: Path, session) -> di
     # failing stage's one line says what happened (the rest are stopped below in any case)
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     procs = mp.start_processes(spawned,
-                               args=(world, container, str(out_dir), port, threads, errors),
+                               args=(world, container, str(out_dir), port, threads, errors,
+                                     os.getpid()),
                                nprocs=world, join=False, start_method="spawn")
     try:
         while not procs.join(timeout=0.5):

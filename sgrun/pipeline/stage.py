@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import defaultdict, deque
@@ -518,9 +519,22 @@ class Curves:
             self.pending[tag] = later
 
 
+def stop_with(parent: int, every: float = 0.5) -> None:
+    """End this process as soon as ``parent`` (the ``sgrun`` process that started the stages) is
+    gone: a SIGKILLed ``sgrun`` must not leave its stages training on, writing into a folder whose
+    lock died with it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sgrun-parent-watch", daemon=True).start()
+
+
 def spawned(rank: int, world: int, cfg: dict, out_dir: str, port: int, threads: int,
-            errors) -> None:
+            errors, parent: int) -> None:
     """Entry of a process started by :func:`train_pipeline`."""
+    stop_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops everyone
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)

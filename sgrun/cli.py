@@ -154,7 +154,7 @@ def _main(cfg: DictConfig) -> float | None:
         if not multirun:
             fail(str(e))  # exits here, before Hydra adds its own multi-line report
         if isinstance(e, FolderBusy):  # the folder's own run goes on: write nothing there
-            sweep.record_busy(out_dir, str(e))
+            sweep.record_busy(out_dir, e.holder)
         else:
             mark_failed(out_dir, str(e) + "\n")
         log.error("job %s failed: %s", hc.job.num, e)
@@ -243,7 +243,11 @@ def continue_hint(out_dir: Path, multirun: bool, hc) -> str:
 
 
 def one_line(e: BaseException) -> str:
-    """Hydra/OmegaConf messages span several lines; keep what names the problem and the choices."""
+    """Hydra/OmegaConf messages span several lines; keep what names the problem and the choices
+    (for a key sgrun does not have: :func:`unknown_key`)."""
+    named = unknown_key(str(e))
+    if named:
+        return named
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type",
                                                       "Set the environment"))]
@@ -270,7 +274,7 @@ def main() -> None:
     except SgrunError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
-        fail(unknown_key(str(e)) or one_line(e))
+        fail(one_line(e))
     except PermissionError as e:
         fail(f"cannot write {e.filename}: permission denied: choose a writable output folder with "
              "hydra.run.dir=<dir> (or hydra.sweep.dir=<dir> for -m)")

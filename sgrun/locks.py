@@ -19,7 +19,12 @@ LOCK = ".sgrun.lock"  # holds the PID of the process that has the folder
 
 
 class FolderBusy(SgrunError):
-    """Another process holds the folder: nothing of this command may be written there."""
+    """Another process holds the folder: nothing of this command may be written there.
+    ``holder`` names it ("another sgrun run (PID 42)")."""
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 @contextlib.contextmanager
@@ -34,8 +39,9 @@ def folder_lock(folder: Path, what: str = "another sgrun run",
         handle.seek(0)
         pid = handle.read().strip() or "unknown"
         handle.close()
-        raise FolderBusy(f"{folder} is in use by {what} (PID {pid}): "
-                         f"wait for it to end, or {fix}") from None
+        holder = f"{what} (PID {pid})"
+        raise FolderBusy(f"{folder} is in use by {holder}: wait for it to end, or {fix}",
+                         holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"{os.getpid()}\n")

@@ -36,7 +36,7 @@ def record_job(output_dir: str | Path, num: int, overrides: list[str]) -> None:
                                      "overrides": list(overrides)})
 
 
-def record_busy(output_dir: str | Path, message: str) -> None:
+def record_busy(output_dir: str | Path, holder: str) -> None:
     """A job that found its folder held by another process failed without writing ``FAILED``
     there (the folder's own run is still going): its error goes in its record for the sweep's
     table and exit status."""
@@ -46,7 +46,7 @@ def record_busy(output_dir: str | Path, message: str) -> None:
     except (OSError, ValueError):
         return
     if isinstance(record, dict) and record.get("sweep") == os.environ.get(ENV):
-        _write_record(Path(output_dir), {**record, "busy": message})
+        _write_record(Path(output_dir), {**record, "busy": holder})
 
 
 def _write_record(folder: Path, record: dict) -> None:
@@ -78,9 +78,7 @@ def sweep_jobs(sweep_dir: str | Path, token: str) -> list[Job]:
         overrides = parse_overrides(record.get("overrides", []))
         job = Job(path.parent, int(record.get("num", -1)), overrides)
         if record.get("busy"):  # this sweep's job did not run there: the folder was in use
-            busy = str(record["busy"])  # "<folder> is in use by ... (PID n): <fix>"
-            job.status, job.result = "failed", first_line(
-                "in use by " + busy.split(" is in use by ", 1)[-1].split(":", 1)[0])
+            job.status, job.result = "failed", first_line(f"in use by {record['busy']}")
         else:
             job.status, job.result = outcome(job.folder)
         jobs.append(job)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check: on a machine with CUDA, the checks that need a GPU, in about 10 minutes:
-#   1. the device-touching tests and a smoke run of every model family with device=cuda;
+#   1. the device tests (tests/test_devices.py: every family, resume, determinism, the library's
+#      examples) with SGRUN_TEST_DEVICE=cuda, and a smoke run of every model family (and of the
+#      pipeline runtime) with device=cuda;
 #   2. the demo with device=cuda;
 #   3. the throughput benchmarks (python -m sgrun.bench / bench_rnn) on the GPU;
 #   4. one paper-profile cell (3-layer MNIST FCN, DNI) for a fixed number of steps, with its steps/s
@@ -19,13 +21,31 @@ step() { echo "== $*"; }
 "$PYTHON" -c 'import torch; print("gpu-check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)'
 date -u +"gpu-check: %Y-%m-%d %H:%M UTC"
 
-step "1. smoke runs of every model family on the GPU"
+step "1. the device tests (pytest -m device) with SGRUN_TEST_DEVICE=cuda, and smoke runs of every model family"
+if [ -d tests ]; then
+    SGRUN_TEST_DEVICE=cuda timeout 300 "$PYTHON" -m pytest -q -m device -p no:cacheprovider tests \
+        > "$out/device_tests.log" 2>&1 && echo "ok   $(tail -1 "$out/device_tests.log")" \
+        || { echo "FAIL device tests: $(tail -1 "$out/device_tests.log") (log: $out/device_tests.log)"; status=1; }
+else
+    echo "skip device tests: no tests/ folder here (run from a checkout of sgrun)"
+fi
 for args in "model=fcn data=synthetic" "model=cnn data=synthetic" "model=fcn data=synthetic dni=complete_unlock" \
             "model=rnn" "model=rnn data=copy dni=every_k_aux" "model=hrnn"; do
     # shellcheck disable=SC2086
-    "$PYTHON" -m sgrun $args profile=smoke device=cuda hydra.run.dir="$out/smoke/${args//[ =]/_}" \
-        > "$out/smoke.log" 2>&1 && echo "ok   $args" || { echo "FAIL $args: $(tail -1 "$out/smoke.log")"; status=1; }
+    timeout 120 "$PYTHON" -m sgrun $args profile=smoke device=cuda hydra.run.dir="$out/smoke/${args//[ =]/_}" \
+        >> "$out/smoke.log" 2>&1 && echo "ok   $args" || { echo "FAIL $args: $(tail -1 "$out/smoke.log")"; status=1; }
 done
+
+# the pipeline runtime needs a GPU per stage process: on one GPU it must be refused in one line
+pipe="model=fcn model.layers=4 data=synthetic runtime=pipeline runtime.timeout=60"
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+# shellcheck disable=SC2086
+timeout 120 "$PYTHON" -m sgrun $pipe profile=smoke device=cuda hydra.run.dir="$out/smoke/pipeline" \
+    > "$out/pipeline.log" 2>&1; rc=$?
+if [ "$gpus" -ge 2 ] && [ $rc -eq 0 ]; then echo "ok   $pipe (2 stages on $gpus GPUs)"
+elif [ "$gpus" -lt 2 ] && [ $rc -eq 2 ] && grep -q "needs a GPU for each stage" "$out/pipeline.log"; then
+    echo "ok   $pipe: refused on $gpus GPU, as it must be: $(tail -1 "$out/pipeline.log")"
+else echo "FAIL $pipe (exit $rc on $gpus GPU(s)): $(tail -1 "$out/pipeline.log")"; status=1; fi
 
 step "2. the demo on the GPU"
 timeout 300 "$PYTHON" -m sgrun device=cuda hydra.run.dir="$out/demo" 2>&1 | grep "finished in" || status=1

@@ -154,9 +154,12 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task],
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
     torch.set_flush_denormal(True)
+    device = device_of(cfg.device)
+    if cfg.deterministic and device.type == "cuda":
+        # deterministic cuBLAS needs a fixed workspace (torch refuses matmuls without it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=False)
     torch.manual_seed(cfg.seed)
-    device = device_of(cfg.device)
     session = Session(device, NullWriter(), ckpt, config)
     if saved is not None:
         set_rng_state(saved["rng"])
@@ -202,8 +205,9 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     # The files the summary vouches for come first (the closed event files, the model); the
     # summary, written last, marks the run finished.
     files = file_records(out_dir / "tb", out_dir)
-    files[MODEL] = write_bytes_atomic(out_dir / MODEL,
-                                      saved_bytes(model.state_dict()))  # without optimizer state
+    # without optimizer state; on the CPU, so that a model trained on a GPU loads anywhere
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    files[MODEL] = write_bytes_atomic(out_dir / MODEL, saved_bytes(weights))
     write_json_atomic(out_dir / SUMMARY, {
         "status": "finished",
         "metrics": metrics,
@@ -260,7 +264,9 @@ def fit(task: Task, cfg: DictConfig, session: Session) -> tuple[dict, nn.Module]
         opt.load_state_dict(r["opt"])
         sched.load_state_dict(r["sched"])
         update_gen.set_state(r["update_gen"])
-        sums, seconds, skipped = dict(r["sums"]), list(r["seconds"]), r["skipped"]
+        # the checkpoint is read onto the CPU: the running sums go back to the run's device
+        sums = {k: v.to(session.device) for k, v in r["sums"].items()}
+        seconds, skipped = list(r["seconds"]), r["skipped"]
         tick_step, first, last_ckpt = r["tick_step"], r["step"] + 1, r["step"]
     lr = float(cfg.optim.lr)
     log.info("%s", task.describe())

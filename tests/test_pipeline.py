@@ -192,6 +192,28 @@ def test_bad_pipeline_settings_are_one_line(tmp_path, overrides, words):
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
 
 
+@pytest.mark.parametrize("gpus, local, refused", [(1, None, True), (2, None, False),
+                                                   (1, "1", False), (1, "2", True)])
+def test_a_pipeline_on_cuda_needs_a_gpu_per_stage_process(monkeypatch, gpus, local, refused):
+    """Two stage processes on one GPU fail in nccl ("Duplicate GPU detected") and in gloo (no CUDA
+    tensors), as a GPU machine showed: refused before any process starts.  Under torchrun only
+    this machine's processes (LOCAL_WORLD_SIZE) count."""
+    from sgrun.pipeline.stage import stage_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    if local is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        monkeypatch.setenv("LOCAL_RANK", "0")
+    if refused:
+        with pytest.raises(ConfigError, match=r"needs a GPU for each stage process: \d stages on "
+                           rf"this machine, {gpus} GPU\(s\) here: set device=cpu"):
+            stage_device("cuda", 1, 2)
+    else:
+        assert stage_device("cuda", 1, 2) == torch.device("cuda", 0 if local else 1)
+    assert stage_device("cpu", 1, 2) == torch.device("cpu")
+
+
 def test_port_in_use_is_one_line(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

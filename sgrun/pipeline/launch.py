@@ -17,7 +17,7 @@ from sgrun.build import build_images, check_runtime_family
 from sgrun.checkpoint import Interrupted
 from sgrun.errors import ConfigError, OutputWriteError, SgrunError
 from sgrun.pipeline.split import check_schedule, max_inflight, plan_split
-from sgrun.pipeline.stage import RESULT, full_model, spawned, stage_main
+from sgrun.pipeline.stage import RESULT, full_model, spawned, stage_device, stage_main
 
 log = logging.getLogger("sgrun")
 
@@ -53,6 +53,7 @@ def train_pipeline(cfg: DictConfig, session) -> tuple[dict, nn.Module | None]:
     del data
     # the split is checked here too, so that a bad one is one line before any process starts
     check_schedule(cfg, plan_split(full_model(cfg, shape, classes), cfg.runtime))
+    stage_device(cfg.device, 0, int(cfg.runtime.stages))  # a GPU per stage, before any starts
     if under_torchrun():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         result = stage_main(rank, world, cfg, str(out_dir))

@@ -364,14 +364,28 @@ class Stage:
 # --------------------------------------------------------------------------- a stage's process
 
 
+def stage_device(device_name: str, rank: int, world: int) -> torch.device:
+    """The device of stage ``rank``: on CUDA, one GPU of this machine per stage process here
+    (nccl refuses two ranks on one GPU, and gloo sends no CUDA tensors); under torchrun the
+    processes of this machine are ``LOCAL_WORLD_SIZE``, this one ``LOCAL_RANK``."""
+    device = device_of(device_name)
+    if device.type != "cuda":
+        return device
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = torch.cuda.device_count()
+    if gpus < here:
+        raise ConfigError(f"runtime=pipeline with device=cuda needs a GPU for each stage process: "
+                          f"{here} stages on this machine, {gpus} GPU(s) here: set device=cpu, or "
+                          "start one stage per GPU machine with torchrun (see the README)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+
+
 def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None) -> dict | None:
     """Everything one process does; rank 0 also evaluates and logs.  Returns rank 0's result."""
     from sgrun.pipeline.schedules import ScheduledStage  # it builds on Stage
 
     cfg = OmegaConf.create(cfg) if not isinstance(cfg, DictConfig) else cfg
-    device = device_of(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    device = stage_device(cfg.device, rank, world)
     backend = (cfg.runtime.backend if cfg.runtime.backend != "auto"
                else ("nccl" if device.type == "cuda" else "gloo"))
     torch.set_flush_denormal(True)

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from sgrun import sweep
 from sgrun.build import build_optimizer, check_family_data, device_of
 from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
@@ -128,7 +129,10 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
         # under torchrun, rank 0 holds the folder
         return _run(cfg, out_dir, config, task_cls, writer)
-    with folder_lock(out_dir):
+    # a sweep's job folder comes from the sweep's folder, a single run's from hydra.run.dir
+    fix = ("run the sweep into another folder with hydra.sweep.dir=<dir>"
+           if os.environ.get(sweep.ENV) else "choose another folder with hydra.run.dir=<dir>")
+    with folder_lock(out_dir, fix=fix):
         return _run(cfg, out_dir, config, task_cls, writer)
 
 

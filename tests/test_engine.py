@@ -283,6 +283,9 @@ def test_a_sweep_job_whose_folder_is_in_use_writes_nothing_there(tmp_path):
     assert r.returncode == 1, r.stderr[-800:]
     assert "1 job(s) of the sweep failed" in r.stderr.strip().splitlines()[-1]
     assert re.search(r"seed=1 .*in use by.*failed", r.stdout), r.stdout
+    # the job's log line names the sweep's folder as the fix, not a single run's
+    busy = [ln for ln in r.stdout.splitlines() if "job 1 failed" in ln]
+    assert busy and busy[0].endswith("run the sweep into another folder with hydra.sweep.dir=<dir>")
     assert not (held / "FAILED").exists() and not (held / "summary.json").exists()
     assert (tmp_path / "sweep" / "0_data=synthetic,device=cpu,profile=smoke,seed=0"
             / "summary.json").is_file()

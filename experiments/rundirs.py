@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from sgrun import sweep
+from sgrun.train import OPERATIONAL
 
 SUMMARY = "summary.json"
 ARCHIVE_FORMAT = 1  # the layout of an archived run's JSON file
@@ -153,7 +154,28 @@ def load_runs(root: str | Path, archive: str | Path | None = None) -> list[Run]:
             if key in on_disk and on_disk[key].status == "finished":
                 continue
             on_disk[key] = load_archived(path)
-    return [on_disk[key] for key in sorted(on_disk)]
+    return counted_once([on_disk[key] for key in sorted(on_disk)])
+
+
+def counted_once(runs: list[Run]) -> list[Run]:
+    """A finished run whose config and choices (seed included; the operational keys such as
+    ``data_dir`` left out, as for resuming) are those of another finished run of its preset is
+    the same run twice, e.g. one job run by a narrowed sweep under another job number: it counts
+    once (the run on disk before an archived copy); the others show as not counted, naming it."""
+    kept: dict[tuple[str, str], Run] = {}
+    for run in sorted(runs, key=lambda r: r.archived):  # runs on disk first
+        if run.status != "finished":
+            continue
+        config = {k: v for k, v in (run.get("config") or {}).items() if k not in OPERATIONAL}
+        key = (run.path.parent.name, json.dumps([config, run.get("choices")], sort_keys=True,
+                                                default=str))
+        if key not in kept:
+            kept[key] = run
+            continue
+        run.status = "unfinished"
+        run.message = (f"{run.path.name} is the same run as {kept[key].path.name} (same config "
+                       "and seed): counted once")
+    return runs
 
 
 def archived_tags(reference: dict) -> list[str]:

@@ -96,3 +96,21 @@ def test_make_report_archives_then_reports(runs, tmp_path, capsys):  # noqa: F81
     assert report.main(argv) == 0
     assert "archived" not in capsys.readouterr().out  # nothing new to archive
     assert report.main(argv[:-1] + ["none"]) == 0
+
+
+def test_the_same_run_under_two_job_numbers_counts_once(tmp_path):
+    """A narrowed sweep numbers its jobs differently: the same config and seed in two folders is
+    one run, not two seeds' worth of evidence."""
+    root, evidence = tmp_path / "runs", tmp_path / "evidence"
+    mnist_fcn(root, 3, "none", [9.0, 4.0, 2.0], seed=1)
+    archive(root, evidence)
+    (evidence / "smoke" / "mnist_fcn" / "3_none_1.json").rename(
+        evidence / "smoke" / "mnist_fcn" / "0_none_1.json")
+    runs_found = load_runs(root / "smoke", evidence / "smoke")
+    assert [r.status for r in runs_found] == ["unfinished", "finished"]
+    assert not runs_found[1].archived
+    assert ("0_none_1.json is the same run as 3_none_1 (same config and seed)"
+            in runs_found[0].message)
+    # another seed is another run
+    mnist_fcn(root, 3, "none", [9.0, 4.0, 2.5], seed=2)
+    assert [r.status for r in load_runs(root / "smoke")] == ["finished", "finished"]

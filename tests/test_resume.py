@@ -70,6 +70,39 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path, uninterrupt
     assert not (tmp_path / "run" / ck.NAME).exists()
 
 
+def test_sigkills_at_random_moments_then_reruns_give_the_uninterrupted_result(tmp_path,
+                                                                              uninterrupted):
+    """Killed again and again at moments drawn at random (before, during and between checkpoint
+    writes, at start-up or during the final outputs), the same command run again each time ends
+    with the uninterrupted run's history and weights; no kill leaves a folder reported finished
+    before it is."""
+    import random
+
+    exe = subprocess.run(["which", "sgrun"], capture_output=True, text=True).stdout.strip()
+    rng = random.Random(20261204)
+    kills, finished = 0, False
+    for _ in range(6):
+        proc = subprocess.Popen([exe, *RUN, "hydra.run.dir=run"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 6.0))  # start-up alone takes about 2 s
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+            if (tmp_path / "run" / "summary.json").exists():  # written last, after the model
+                assert (tmp_path / "run" / "model.pt").is_file()
+            continue
+        assert proc.returncode == 0, proc.stderr.read()[-1500:]
+        finished = True
+        break
+    if not finished:  # the last start runs to the end
+        r = sgrun(*RUN, "hydra.run.dir=run", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-1500:]
+    assert kills >= 1
+    assert_same_run(uninterrupted, tmp_path / "run")
+
+
 def test_sigterm_saves_and_says_how_to_continue(tmp_path, uninterrupted):
     code, err = start_and_stop(tmp_path, signal.SIGTERM, after_checkpoints=1)
     assert code == 130

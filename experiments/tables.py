@@ -286,18 +286,27 @@ def combine(positions: list[Position], test: str, runs: list[Run], rule: Rule) -
     by = {v: [p.where for p in positions if p.verdict == v] for v in (HELD, NOT_HELD, UNDECIDED)}
     head = "; ".join(f"{SHORT.get(v, v)} at {', '.join(w)}" for v, w in by.items() if w)
     detail = f"{head}. " + "; ".join(p.text() for p in positions)
-    decide = what_decides(positions, rule, steps) if verdict == UNDECIDED else ""
+    finished = [r for r in runs if r.status == "finished"]
+    # runs that stopped on their own (a curriculum's plateau rule): a higher step cap moves nothing
+    on_plateau = bool(finished) and all(r.get("metrics.plateau_reached") is True
+                                        for r in finished)
+    decide = what_decides(positions, rule, steps, on_plateau) if verdict == UNDECIDED else ""
     return Verdict(verdict, detail, test, positions, steps, decide)
 
 
-def what_decides(positions: list[Position], rule: Rule, steps: list[int]) -> str:
+def what_decides(positions: list[Position], rule: Rule, steps: list[int],
+                 on_plateau: bool = False) -> str:
     open_ = [p for p in positions if p.verdict == UNDECIDED]
     few = [p.where for p in open_ if p.short]
     rest = [p.where for p in open_ if not p.short]
     parts = []
     if few:
         parts.append(f"{rule.min_seeds} seeds per cell" + (f" at {', '.join(few)}" if rest else ""))
-    if rest:
+    if rest and on_plateau:
+        parts.append("more seeds, or a more patient plateau rule (every run stopped on its own "
+                     "plateau rule, not at its step cap, so a higher cap changes nothing)"
+                     + (f" at {', '.join(rest)}" if few else ""))
+    elif rest:
         budget = f"a longer budget than {max(steps)} steps" if steps else "a longer budget"
         parts.append(f"{budget} or more seeds" + (f" at {', '.join(rest)}" if few else ""))
     return "; ".join(parts)

@@ -279,6 +279,20 @@ def test_three_seeds_decide_by_welch(tmp_path, bprop, cdni, verdict):
                                                                      and verdict != "not held")
 
 
+@pytest.mark.parametrize("plateau", [True, False])
+def test_an_undecided_claim_on_runs_that_stopped_on_their_own_asks_for_seeds(tmp_path, plateau):
+    """Copy runs that all reached their plateau rule would not move with a higher step cap: the
+    report asks for more seeds (or a more patient rule), not for a longer budget."""
+    root = tmp_path / "runs"
+    for seed, (bptt, dni) in enumerate([(2, 4), (3, 3), (2, 6)]):  # DNI - 1.5 BPTT spreads over 0
+        copy_run(root, 3, "none", bptt, seed=seed, plateau=plateau)
+        copy_run(root, 3, "every_k", dni, seed=seed, plateau=plateau)
+    row = claim_row(write(root, tmp_path / "out"), COPY_CLAIM)
+    assert verdict_of(row) == "not decided at this budget"
+    assert ("Would decide: more seeds, or a more patient plateau rule" in row) == plateau
+    assert ("Would decide: a longer budget than 4 steps or more seeds" in row) == (not plateau)
+
+
 def test_a_claim_over_positions_needs_every_one(tmp_path):
     root = tmp_path / "runs"
     cdni_near_bprop(root, [2.0, 2.1, 1.9], [2.05, 2.0, 2.1], layers=3)  # held

@@ -27,9 +27,14 @@ class FolderBusy(SgrunError):
         self.holder = holder
 
 
+# the fix a busy run folder's line gives: a single run's folder is hydra.run.dir, a sweep job's
+# comes from its sweep's folder
+RUN_FIX = "choose another folder with hydra.run.dir=<dir>"
+SWEEP_JOB_FIX = "run the sweep into another folder with hydra.sweep.dir=<dir>"
+
+
 @contextlib.contextmanager
-def folder_lock(folder: Path, what: str = "another sgrun run",
-                fix: str = "choose another folder with hydra.run.dir=<dir>"):
+def folder_lock(folder: Path, what: str = "another sgrun run", fix: str = RUN_FIX):
     """Hold ``folder`` for this process; a second holder gets one line naming ``what`` holds it,
     its PID and ``fix``."""
     handle = open(Path(folder) / LOCK, "a+")

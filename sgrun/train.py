@@ -39,7 +39,7 @@ from sgrun.checkpoint import Checkpointer, rng_state, set_rng_state
 from sgrun.checks import check_config
 from sgrun.errors import ConfigError, OutputWriteError, SgrunError, output_fix
 from sgrun.guard import check_finite
-from sgrun.locks import folder_lock
+from sgrun.locks import RUN_FIX, SWEEP_JOB_FIX, folder_lock
 from sgrun.metrics import (
     NullWriter,
     Writer,
@@ -129,10 +129,7 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
         # under torchrun, rank 0 holds the folder
         return _run(cfg, out_dir, config, task_cls, writer)
-    # a sweep's job folder comes from the sweep's folder, a single run's from hydra.run.dir
-    fix = ("run the sweep into another folder with hydra.sweep.dir=<dir>"
-           if os.environ.get(sweep.ENV) else "choose another folder with hydra.run.dir=<dir>")
-    with folder_lock(out_dir, fix=fix):
+    with folder_lock(out_dir, fix=SWEEP_JOB_FIX if os.environ.get(sweep.ENV) else RUN_FIX):
         return _run(cfg, out_dir, config, task_cls, writer)
 
 

@@ -79,13 +79,19 @@ def test_sigkills_at_random_moments_then_reruns_give_the_uninterrupted_result(tm
     import random
 
     exe = subprocess.run(["which", "sgrun"], capture_output=True, text=True).stdout.strip()
+    # the moments are drawn over a whole run's length on this machine, as it is loaded now
+    started = time.time()
+    assert sgrun(*RUN, "hydra.run.dir=timed", cwd=tmp_path).returncode == 0
+    length = time.time() - started
     rng = random.Random(20261204)
     kills, finished = 0, False
-    for _ in range(6):
+    for attempt in range(6):
         proc = subprocess.Popen([exe, *RUN, "hydra.run.dir=run"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the first kill inside the run for sure, the later ones anywhere up to its length
+        low = 0.1 if attempt == 0 else 0.0
         try:
-            proc.wait(timeout=rng.uniform(1.0, 6.0))  # start-up alone takes about 2 s
+            proc.wait(timeout=length * rng.uniform(low, 0.9 if attempt == 0 else 1.0))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -129,8 +129,13 @@ def run(cfg: DictConfig, out_dir: str | Path, writer: NullWriter | None = None) 
     if cfg.runtime.name == "pipeline" and os.environ.get("RANK", "0") != "0":
         # under torchrun, rank 0 holds the folder
         return _run(cfg, out_dir, config, task_cls, writer)
-    with folder_lock(out_dir, fix=SWEEP_JOB_FIX if os.environ.get(sweep.ENV) else RUN_FIX):
+    with folder_lock(out_dir, fix=folder_fix()):
         return _run(cfg, out_dir, config, task_cls, writer)
+
+
+def folder_fix() -> str:
+    """The fix for a run folder this command cannot use: a sweep job's, or a single run's."""
+    return SWEEP_JOB_FIX if os.environ.get(sweep.ENV) else RUN_FIX
 
 
 def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task],
@@ -150,16 +155,12 @@ def _run(cfg: DictConfig, out_dir: Path, config: dict, task_cls: type[Task],
                              f"config ({changed}): resume with the run's own settings, or drop "
                              "resume= to start a new run")
         raise SgrunError(f"{out_dir} holds the checkpoint of a run with another config "
-                         f"({changed}): choose another folder with hydra.run.dir=<dir> (the "
-                         "interrupted run stays there)")
+                         f"({changed}): {folder_fix()} (the interrupted run stays there)")
     # Zero-initialised synthesizers drive values into float32 denormals, which are ~10x slower on
     # x86 CPUs; flushing them to zero changes nothing measurable and keeps DNI fast.
     torch.set_flush_denormal(True)
     device = device_of(cfg.device)
-    if cfg.deterministic and device.type == "cuda":
-        # deterministic cuBLAS needs a fixed workspace (torch refuses matmuls without it)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=False)
+    use_deterministic(bool(cfg.deterministic), device)
     torch.manual_seed(cfg.seed)
     session = Session(device, NullWriter(), ckpt, config)
     if saved is not None:
@@ -219,6 +220,15 @@ def _train_and_save(cfg, out_dir, task_cls, writer, saved, session, ckpt, device
     })
     ckpt.clear()
     return metrics
+
+
+def use_deterministic(on: bool, device: torch.device) -> None:
+    """``deterministic=true``: torch's deterministic algorithms, in this process (a run's, or a
+    pipeline stage's)."""
+    if on and device.type == "cuda":
+        # deterministic cuBLAS needs a fixed workspace (torch refuses matmuls without it)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=False)
 
 
 def saved_bytes(obj) -> bytes:

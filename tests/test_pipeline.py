@@ -18,7 +18,7 @@ import torch
 from clirun import log_lines_above_the_bar, on_terminal, sgrun
 from configs import make_cfg
 
-from sgrun.errors import ConfigError
+from sgrun.errors import ConfigError, SgrunError
 from sgrun.pipeline import block_costs, plan_split
 from sgrun.pipeline.stage import full_model
 
@@ -145,7 +145,8 @@ def test_pipeline_logs_every_log_every_steps_as_the_engine_does(tmp_path):
     trained(tmp_path, "in", *every, env=ONE_THREAD)
     trained(tmp_path, "pipe", *every, *PIPE, "runtime.max_inflight=1", "runtime.boundaries=[h2]")
     ours, engine = curves(tmp_path / "pipe" / "tb" / "pipeline"), curves(tmp_path / "in" / "tb")
-    for tag in ("loss/train", "dni/h2/sg_loss"):
+    # the boundary's synthesizer, and those inside each stage (h1 in stage 0, h3 in stage 1)
+    for tag in ("loss/train", "dni/h2/sg_loss", "dni/h1/sg_loss", "dni/h3/sg_loss"):
         assert [s for s, _ in ours[tag]] == [4, 8, 12], tag
         assert [v for _, v in ours[tag]] == pytest.approx([v for _, v in engine[tag]], rel=1e-5)
     assert [s for s, _ in ours["pipeline/h2/staleness_max"]] == [4, 8, 12]
@@ -362,3 +363,36 @@ def test_label_only_draws_follow_the_same_batches():
     for _ in range(7):  # past an epoch boundary (a fresh permutation)
         xb, yb = full.next()
         assert torch.equal(labels.next_labels(), yb) and torch.equal(xb, x[yb])
+
+
+def test_a_stage_guards_the_interfaces_inside_it(monkeypatch):
+    # stage 0 of 2 on a 4-layer FCN: its boundary is h2, the interface at h1 is inside it.  The
+    # stage runs the task's step; a batch gone non-finite makes h1's synthetic gradient non-finite
+    # and the stage's divergence guard names it (no other process is needed: nothing is sent)
+    from sgrun.guard import check_finite
+    from sgrun.pipeline.stage import Stage, annotated
+    from sgrun.tasks.classification import Classification
+
+    cfg = make_cfg(*TINY, "dni=every_layer", "model.layers=4", *PIPE, "runtime.boundaries=[h2]",
+                   "runtime.max_inflight=2")
+    torch.manual_seed(cfg.seed)
+    task = Classification(cfg, torch.device("cpu"))
+    model = annotated(task.model, cfg, tuple(task.data.shape), task.data.num_classes)
+    stage = Stage(cfg, 0, plan_split(model, cfg.runtime), task, 2, torch.device("cpu"))
+    assert [i.name for i in stage.inner] == ["h1"]
+    sent = []
+    monkeypatch.setattr(stage, "_send", lambda tensor, dst, tag: sent.append(tensor.shape))
+    monkeypatch.setattr(stage, "take_targets", lambda drain=False: None)
+    stage.train_step()
+    assert sent == [(32, *model.cut_shapes["h2"])]  # h2 went on, the synthetic gradient came back
+    check_finite(stage.finite_check_values(), 1, 1e-3, None)
+    real_next = stage.sampler.next
+
+    def poisoned():
+        x, y = real_next()
+        return x * float("nan"), y
+
+    monkeypatch.setattr(stage.sampler, "next", poisoned)
+    stage.train_step()
+    with pytest.raises(SgrunError, match="interface h1 became non-finite by step 2"):
+        check_finite(stage.finite_check_values(), 2, 1e-3, None)

@@ -144,7 +144,7 @@ def test_no_intact_checkpoint_is_one_clear_error_and_touches_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
 
 
-def test_checkpoint_of_another_config_is_refused(tmp_path):
+def test_checkpoint_of_another_config_is_refused(tmp_path, monkeypatch):
     code, _ = start_and_stop(tmp_path, signal.SIGKILL, after_checkpoints=1)
     before = (tmp_path / "run" / ck.NAME).read_bytes()
     r = sgrun(*RUN, "seed=7", "hydra.run.dir=run", cwd=tmp_path)
@@ -154,6 +154,12 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     r = sgrun(*RUN, "seed=7", f"resume={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 2 and "changes the interrupted run's config (seed: 0 -> 7)" in r.stderr
     assert "delete" not in r.stderr and "drop resume=" in r.stderr
+    # a sweep's job is told to move the sweep, not itself (its folder is the sweep's choice)
+    from sgrun import sweep
+    monkeypatch.setenv(sweep.ENV, "a-sweep")
+    with pytest.raises(SgrunError, match=r"another config \(seed: 0 -> 7\): run the sweep into "
+                                         r"another folder with hydra.sweep.dir=<dir> \(the "):
+        run(make_cfg(*RUN, "seed=7"), tmp_path / "run")
     assert (tmp_path / "run" / ck.NAME).read_bytes() == before
 
 

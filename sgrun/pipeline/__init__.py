@@ -53,10 +53,12 @@ the in-process run bit for bit (same threads per process); with ``S=1`` the pipe
 in-process run.
 
 Every stage is a slice of the in-process classification task (:mod:`sgrun.tasks.classification`):
-it builds the task (same seed: same weights, same batches) and uses its batch sampler, label
-context, loss, evaluation and final metrics; only the step itself is the stage's, because a slice
-has no loss of its own to backpropagate.  The engine's divergence guard (:mod:`sgrun.guard`) checks
-each stage's losses every ``train.log_every`` steps.  Test error is measured by stage 0 on the
+it builds the task (same seed: same weights, same batches) and uses its batch sampler, its
+training step (``Classification.slice_step``: the forward and backward of ``train_step``, on the
+stage's blocks, the backward of a stage below the head starting from the gradient of its output),
+evaluation and final metrics.  The engine's divergence guard (:mod:`sgrun.guard`) checks each
+stage's values every ``train.log_every`` steps: the loss, the boundary synthesizer's and those of
+the interfaces inside the stage.  Test error is measured by stage 0 on the
 assembled model at every evaluation point: every stage first waits for its outstanding targets,
 then the stages' weights are gathered on rank 0, with every value each stage measured since the
 last evaluation.  Rank 0 writes those as the engine does: the mean over every ``train.log_every``

@@ -77,7 +77,8 @@ class ScheduledStage(Stage):
         if self.last:
             losses: list[torch.Tensor] = []
             self.schedule.step(*args, target=y, losses=losses, return_outputs=False)
-            self.losses.append((self.step, sum(float(v.detach()) for v in losses) / len(losses)))
+            mean = sum(float(v.detach()) for v in losses) / len(losses)
+            self.values["loss/train"].append((self.step, mean))
         else:
             self.schedule.step(*args, return_outputs=False)
         self.skip_updates(upd)

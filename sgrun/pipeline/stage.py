@@ -40,7 +40,7 @@ from sgrun.guard import check_finite
 from sgrun.metrics import Writer, write_bytes_atomic
 from sgrun.pipeline.split import Split, check_schedule, max_inflight, plan_split
 from sgrun.tasks.classification import Classification
-from sgrun.train import budget_line, estimate_line, progress, saved_bytes
+from sgrun.train import budget_line, estimate_line, progress, saved_bytes, use_deterministic
 from sgrun.updates import drop_gradients, update_coins
 
 log = logging.getLogger("sgrun")
@@ -117,10 +117,11 @@ class Stage:
     """The training step of one stage (see the module docstring).
 
     The stage's slice of the classification task: the task's own model (this process holds all of
-    it and trains its blocks), batch sampler, label context and loss.  What differs from the task's
-    ``train_step`` is only what a slice needs: its input arrives from below (or is predicted), its
-    backward starts from a synthetic gradient (or the one sent back from above), and it sends its
-    output and the gradient of its input on."""
+    it and trains its blocks), batch sampler and step (:meth:`Classification.slice_step`, the
+    forward and backward of ``train_step``, here on the stage's blocks).  What a stage adds is only
+    what a slice needs: its input arrives from below (or is predicted), the backward of a stage
+    below the head starts from a synthetic gradient (or the one sent back from above:
+    :meth:`top_gradient`), and it sends its output and the gradient of its input on."""
 
     def __init__(self, cfg: DictConfig, rank: int, split: Split, task: Classification, steps: int,
                  device: torch.device) -> None:
@@ -131,6 +132,7 @@ class Stage:
         lo, hi = split.ranges[rank]
         self.lo, self.hi = lo, hi
         self.net = StageNet(model, lo, hi, self.last)
+        self.inner = interfaces_of(self.net)  # the interfaces inside the stage (not its boundary)
         self.in_shape = (tuple(model.in_shape) if self.first
                          else tuple(model.cut_shapes[model.cut_names[lo - 1]]))
         self.out_shape = None if self.last else tuple(model.cut_shapes[split.boundaries[rank]])
@@ -179,7 +181,10 @@ class Stage:
         self.cosines: list[tuple[int, float]] = []
         self.in_stale: list[tuple[int, int]] = []
         self.in_losses: list[tuple[int, float]] = []
-        self.losses: list[tuple[int, float]] = []
+        # the values of the task's step: the loss (last stage), the inner interfaces' losses
+        self.values: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.upd: list[bool] = []  # this step's update coins
+        self.grad_above: torch.Tensor | None = None  # locked: the gradient from above
 
     # -- messages
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -201,7 +206,7 @@ class Stage:
     def train_step(self) -> None:
         self.step += 1
         data = None
-        upd = self.draw_updates()
+        self.upd = upd = self.draw_updates()
         if self.first:
             x, y = self.sampler.next()
             data = x
@@ -219,30 +224,15 @@ class Stage:
             self.act_recv = (irecv(shape, self.rank - 1, _TAG_ACT, self.device)
                              if self.step < self.steps else None)
             x.requires_grad_(True)
-        n = y.shape[0]
-        ctx = self.task.context(y)
         self.opt.zero_grad(set_to_none=True)
-        out = self.net(x, ctx, data)
-        if self.last:
-            loss = self.task.loss(out, y)
-            loss.backward()
-            self.losses.append((self.step, float(loss.detach())))
-        else:
-            self._send(out.detach(), self.rank + 1, _TAG_ACT)  # with synthetic inputs: I's target
-            if self.locked:  # wait for the true gradient from above
-                if self.boundary is not None:  # train_only: the synthesizer learns from it too
-                    self.up.pending.append((self.step,
-                                            *self.predict(self.boundary.synthesizer, (out, ctx)),
-                                            upd[self.hi - 1]))
-                grad = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
-                out.backward(grad)
-                if self.boundary is not None:
-                    self.train_synthesizer(self.up.pending.popleft(), grad)
-            else:
-                # the synthetic gradient now, and the update with it: nothing above is waited for
-                delta_hat, snapshot = self.predict(self.boundary.synthesizer, (out, ctx))
-                out.backward(injected(delta_hat.detach(), self.boundary.scale, n))
-                self.up.pending.append((self.step, delta_hat, snapshot, upd[self.hi - 1]))
+        # the task's own step on this stage's slice; above the head's stage, the backward starts
+        # from the gradient top_gradient gives
+        values = self.task.slice_step(self.net, self.inner, x, y, data,
+                                      top=None if self.last else self.top_gradient)
+        for tag, value in values.items():
+            self.values[tag].append((self.step, float(value)))
+        if self.locked and self.boundary is not None:  # train_only: M learns from the true one
+            self.train_synthesizer(self.up.pending.popleft(), self.grad_above)
         if not self.first:
             self._send(x.grad, self.rank - 1, _TAG_GRAD)
         self.skip_updates(upd)
@@ -250,6 +240,22 @@ class Stage:
         self.sched.step()
         if not self.locked:
             self.take_targets()
+
+    def top_gradient(self, out: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        """The gradient of this stage's output that its backward starts from: the synthetic one,
+        at once (nothing above is waited for), or, locked, the true one from above.  Sends the
+        output on first (with synthetic inputs it is only the target of ``I`` above)."""
+        self._send(out.detach(), self.rank + 1, _TAG_ACT)
+        if self.locked:
+            if self.boundary is not None:  # train_only: the synthesizer learns from it too
+                self.up.pending.append((self.step,
+                                        *self.predict(self.boundary.synthesizer, (out, ctx)),
+                                        self.upd[self.hi - 1]))
+            self.grad_above = self._recv(out.shape, out.dtype, self.rank + 1, _TAG_GRAD)
+            return self.grad_above
+        delta_hat, snapshot = self.predict(self.boundary.synthesizer, (out, ctx))
+        self.up.pending.append((self.step, delta_hat, snapshot, self.upd[self.hi - 1]))
+        return injected(delta_hat.detach(), self.boundary.scale, out.shape[0])
 
     def draw_updates(self) -> list[bool]:
         """Which layer groups update this step: every stage draws all groups' coins, as the
@@ -344,7 +350,7 @@ class Stage:
     def finite_check_values(self) -> dict[str, float]:
         """What the divergence guard checks: the sums of this stage's losses since the last
         report."""
-        values = {"loss/train": float(sum(v for _, v in self.losses))}
+        values = {tag: float(sum(v for _, v in entries)) for tag, entries in self.values.items()}
         if self.boundary is not None:
             values[f"dni/{self.split.boundaries[self.rank]}/sg_loss"] = float(
                 sum(v for _, v in self.sg_losses))
@@ -354,9 +360,9 @@ class Stage:
         return values
 
     def report(self) -> dict:
-        r = {"stale": self.stale, "sg": self.sg_losses, "cos": self.cosines, "loss": self.losses,
-             "in_stale": self.in_stale, "in_loss": self.in_losses}
-        self.stale, self.sg_losses, self.cosines, self.losses = [], [], [], []
+        r = {"stale": self.stale, "sg": self.sg_losses, "cos": self.cosines,
+             "values": dict(self.values), "in_stale": self.in_stale, "in_loss": self.in_losses}
+        self.stale, self.sg_losses, self.cosines, self.values = [], [], [], defaultdict(list)
         self.in_stale, self.in_losses = [], []
         return r
 
@@ -389,6 +395,7 @@ def stage_main(rank: int, world: int, cfg: DictConfig, out_dir: str, errors=None
     backend = (cfg.runtime.backend if cfg.runtime.backend != "auto"
                else ("nccl" if device.type == "cuda" else "gloo"))
     torch.set_flush_denormal(True)
+    use_deterministic(bool(cfg.deterministic), device)
     torch.manual_seed(cfg.seed)
     # the in-process run's task (same seed: same weights, same batches): every stage draws the same
     # batches itself, so stages above the first take their labels from it (no label messages), and
@@ -503,7 +510,8 @@ class Curves:
     def add(self, gathered: list) -> None:
         cuts = self.split.boundaries
         for s, (_, rep, _) in enumerate(gathered):
-            self.pending["loss/train"] += rep["loss"]  # the last stage's
+            for tag, entries in rep["values"].items():  # the loss: the last stage's
+                self.pending[tag] += entries
             if s < len(cuts):
                 self.pending[f"pipeline/{cuts[s]}/staleness"] += rep["stale"]
                 self.pending[f"dni/{cuts[s]}/sg_loss"] += rep["sg"]

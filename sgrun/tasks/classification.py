@@ -128,10 +128,28 @@ class Classification(Task):
 
     def train_step(self, batch) -> dict[str, torch.Tensor]:
         x, y = batch
-        loss = self.loss_on(x, y)
-        loss.backward()  # one backward: model, synthesizers and bootstrapped targets
-        values = {"loss/train": loss.detach()}
-        for iface in self.interfaces:
+        return self.slice_step(self.model, self.interfaces, x, y)
+
+    def slice_step(self, net: nn.Module, interfaces, x: torch.Tensor, y: torch.Tensor,
+                   data: torch.Tensor | None = None, top=None) -> dict[str, torch.Tensor]:
+        """Forward and one backward of ``net``: the whole model (:meth:`train_step`), or a
+        pipeline stage's slice of it (:class:`sgrun.pipeline.stage.Stage`), whose ``interfaces``
+        work as in the whole model.
+
+        ``x`` is the slice's input (the data, or an activation from below), ``data`` the batch's
+        data for a slice whose interfaces predict synthetic inputs from it.  ``top(out, context)``
+        gives the gradient the backward of a slice below the head starts from (synthetic, or the
+        one sent back from above); without ``top`` it starts from the loss."""
+        ctx = self.context(y)
+        out = net(x, ctx) if data is None else net(x, ctx, data)
+        values = {}
+        if top is None:
+            loss = self.loss(out, y)
+            loss.backward()  # one backward: model, synthesizers and bootstrapped targets
+            values["loss/train"] = loss.detach()
+        else:
+            out.backward(top(out, ctx))
+        for iface in interfaces:
             for name in ("sg_loss", "input_loss"):
                 value = getattr(iface.record, name, None)
                 if value is not None:

@@ -23,9 +23,11 @@ test error after all samples, the test error at a fixed wall-clock budget (the t
 which the slowest run made its first evaluation), and for (a1) and every pipeline the cost model's
 prediction (:mod:`sgrun.pipeline.cost`) with its error.  The model's inputs are measured first:
 each stage's forward, backward, optimizer step, synthesizer and micro-batch times on one thread
-(:mod:`sgrun.pipeline.timing`), and the time of a message between two processes.  The in-process
-runs (a), (b) use all cores in one process; a pipeline gives each of its ``S`` processes
-cores / S threads.  S = 4 runs only where there are at least 4 cores.
+(:mod:`sgrun.pipeline.timing`; the stages of the DNI pipeline, GPipe and 1F1B timed running at
+once, those of stop-and-wait backprop, (c) and (c2), timed taking turns, each part right after
+the wait for its neighbour, as they run), and the time of a message between two processes.  The
+in-process runs (a), (b) use all cores in one process; a pipeline gives each of its ``S``
+processes cores / S threads.  S = 4 runs only where there are at least 4 cores.
 
 ``--figure`` (default ``experiments/fig_pipeline_cost.png``) plots the predicted speed-up over
 one device against S = 2, 4, 8, 16 per method (a model made deeper with S, one measured stage per
@@ -156,10 +158,28 @@ def measure(common: list[str], rows: dict, microbatches: int, repeats: int) -> d
     locked = measure_stages(compose([*common, *by_method["locked"]]), counts, repeats)
     dni_over = by_method["dni"]
     synth = measure_stages(compose([*common, *dni_over]), (), repeats)
+    # stop-and-wait backprop: its stages timed taking turns, as it runs them
+    turns = {name: measure_stages(compose([*common, *by_method[method]]), (), repeats, turns=True)
+             for name, method in (("locked_turns", "locked"), ("dni_turns", "locked_dni"))
+             if method in by_method}
     batch = int(compose(common).train.batch_size)
     link, raw = measure_link(max(s.act_bytes for s in locked), batch, sorted({microbatches, 16}))
     shares = synthesizer_shares([*common, *dni_over], [*common, *by_method["locked"]])
-    return {"locked": locked, "dni": synth, "link": link, "link_raw": raw, "shares": shares}
+    return {"locked": locked, "dni": synth, **turns, "link": link, "link_raw": raw,
+            "shares": shares}
+
+
+def stages_for(method: str, model: dict) -> list:
+    """The stage times a method's prediction is made from: the DNI pipeline's stages run at
+    once; stop-and-wait backprop's take turns; GPipe's and 1F1B's run at once, on the backprop
+    split."""
+    if method == "dni":
+        return model["dni"]
+    if method == "locked_dni":
+        return model.get("dni_turns", model["dni"])
+    if method == "locked":
+        return model.get("locked_turns", model["locked"])
+    return model["locked"]
 
 
 def predicted_rate(method: str, model: dict, batch: int, steps: int, segments: int,
@@ -167,7 +187,7 @@ def predicted_rate(method: str, model: dict, batch: int, steps: int, segments: i
     """Samples/s the cost model predicts for a measured run, and the DNI staleness."""
     from sgrun.pipeline import cost
 
-    stages = model["dni"] if method in ("dni", "locked_dni") else model["locked"]
+    stages = stages_for(method, model)
     seconds = cost.run_seconds(method, stages, model["link"], steps, segments, max_inflight,
                                microbatches)
     stale = None
@@ -181,9 +201,12 @@ def print_stage_times(model: dict) -> None:
     print(f"  message: {link.latency * 1e6:.0f} us + bytes / {link.bandwidth / 1e9:.2f} GB/s "
           "(measured one way: " + ", ".join(f"{n} B {t * 1e6:.0f} us"
                                             for n, t in raw["one_way"].items()) + ")")
-    print(f"  torch schedule: {link.op_overhead * 1e6:.0f} us per micro-batch forward or backward "
-          "(fitted to GPipe steps with nothing to compute: " +
-          ", ".join(f"M={m} {t * 1e3:.1f} ms" for m, t in raw["null_gpipe_step"].items()) + ")")
+    for kind, name in (("gpipe", "GPipe"), ("1f1b", "1F1B")):
+        null = raw.get(f"null_{kind}_step", {})
+        if null:
+            print(f"  torch schedule, {name}: {link.overhead(kind) * 1e6:.0f} us per micro-batch "
+                  f"forward or backward (fitted to {name} steps with nothing to compute: "
+                  + ", ".join(f"M={m} {t * 1e3:.1f} ms" for m, t in null.items()) + ")")
     print(f"  {'stage':<7}{'fwd ms':>8}{'bwd ms':>8}{'step ms':>8}{'synth ms':>10}"
           f"{'msg KB':>8}{'synth MACs':>12}{'synth time':>12}  micro-batch fwd+bwd ms")
     print("  (synth MACs: every synthesizer of the stage; synth ms and time: its boundary one)")
@@ -289,7 +312,8 @@ def curves(result: dict) -> dict[str, list[tuple[int, float]]]:
             runs.append((f"1F1B, M={M}", "1f1b", locked, {"microbatches": M}))
         if batch % (4 * S) == 0:
             runs.append(("1F1B, M=4S", "1f1b", locked, {"microbatches": 4 * S}))
-        runs.append(("locked, stop-and-wait", "locked", locked, {}))
+        runs.append(("locked, stop-and-wait", "locked", cost.deeper(stages_for("locked", model), S),
+                     {}))
         for label, method, stages, kw in runs:
             rate = cost.predict(method, stages, link, batch, **kw).samples_per_sec
             out.setdefault(label, []).append((S, rate / one))
@@ -345,9 +369,9 @@ def as_json(results: list[dict]) -> list[dict]:
     out = []
     for r in results:
         c = r["cost"]
-        out.append({**r, "cost": {"locked": [asdict(s) for s in c["locked"]],
-                                  "dni": [asdict(s) for s in c["dni"]],
-                                  "link": asdict(c["link"]), "link_raw": c["link_raw"],
+        times = {name: [asdict(s) for s in c[name]]
+                 for name in ("locked", "dni", "locked_turns", "dni_turns") if name in c}
+        out.append({**r, "cost": {**times, "link": asdict(c["link"]), "link_raw": c["link_raw"],
                                   "shares": c["shares"]},
                     "curves": curves(r)})
     return out
@@ -368,7 +392,7 @@ def main() -> None:
     ap.add_argument("--synthesizer-layers", type=int, default=None,
                     help="hidden layers of every synthesizer (0: linear for the FCN); "
                          "default: the preset's (2)")
-    ap.add_argument("--repeats", type=int, default=5, help="timings per stage part (median)")
+    ap.add_argument("--repeats", type=int, default=20, help="timings per stage part (median)")
     ap.add_argument("--figure", default="experiments/fig_pipeline_cost.png",
                     help="the speed-up figure ('' for none)")
     ap.add_argument("--json", default="", help="write every number here too")

@@ -276,6 +276,14 @@ def test_schedule_overhead_is_fitted_to_a_step_with_nothing_to_compute():
     # each micro-batch forward and backward pays it: equal stages take (M + S - 1) (f + b + 2 o)
     p = cost.predict("gpipe", equal(2), with_overhead, batch=8, microbatches=4)
     assert p.step_seconds > (4 + 1) * (3.0 / 4 + 2 * 2e-3)
+    # 1F1B's own overhead, fitted to its own null step, and used for 1F1B only
+    own = cost.Link(link.latency, link.bandwidth, op_overhead=2e-3, op_overhead_1f1b=5e-4)
+    step = cost.predict("1f1b", null, own, batch=8, microbatches=4, steps=4).step_seconds
+    assert cost.fit_op_overhead(link, 4096, 4, step, kind="1f1b") == pytest.approx(5e-4, rel=1e-6)
+    assert (cost.predict("gpipe", equal(2), own, batch=8, microbatches=4).step_seconds
+            == p.step_seconds)
+    assert (cost.predict("1f1b", equal(2), own, batch=8, microbatches=4).step_seconds
+            < cost.predict("1f1b", equal(2), with_overhead, batch=8, microbatches=4).step_seconds)
 
 
 def test_deeper_models_and_refusals():
@@ -302,5 +310,23 @@ def test_stage_timings_measure_each_stage_of_a_split():
     assert dni[0].syn_fwd > 0 and dni[1].syn_fwd == 0  # the boundary's synthesizer runs below it
     locked = measure_stages(compose([*base, "dni=none"]), microbatches=[2], repeats=2, warmup=1)
     assert [m for m, _, _ in locked[0].mb] == [2]
+    # stop-and-wait: three stages taking turns, no micro-batches
+    turns = measure_stages(compose([*base, "dni=none", "runtime.stages=3"]), microbatches=[2],
+                           repeats=2, warmup=1, turns=True)
+    assert len(turns) == 3 and all(t.fwd > 0 and t.bwd > 0 and t.mb == () for t in turns)
+    assert [t.act_bytes > 0 for t in turns] == [True, True, False]
     with pytest.raises(ConfigError, match="not synthetic inputs"):
         measure_stages(compose([*base, "dni=complete_unlock"]))
+
+
+@pytest.mark.slow  # two processes
+def test_the_link_is_measured_between_two_processes():
+    from sgrun.pipeline.timing import measure_link
+
+    link, raw = measure_link(4 * 32 * 64, 32, microbatches=[2], repeats=5)
+    small, large = raw["one_way"].values()
+    assert 0 < small and 0 < large and link.latency == small
+    assert link.bandwidth > 0 and link.op_overhead >= 0
+    assert list(raw["null_gpipe_step"]) == [2] and raw["null_gpipe_step"][2] > 0
+    assert list(raw["null_1f1b_step"]) == [2] and raw["null_1f1b_step"][2] > 0
+    assert link.op_overhead_1f1b is not None and link.op_overhead_1f1b >= 0

@@ -67,14 +67,22 @@ class StageTimes:
 class Link:
     """A message between neighbouring stages takes ``latency + bytes / bandwidth`` seconds; in
     torch's schedules every micro-batch forward or backward also costs its stage ``op_overhead``
-    seconds (posting and waiting for its messages, the schedule's own bookkeeping)."""
+    seconds (posting and waiting for its messages, the schedule's own bookkeeping): GPipe's, and
+    1F1B's own where it was measured."""
 
     latency: float
     bandwidth: float  # bytes per second
     op_overhead: float = 0.0
+    op_overhead_1f1b: float | None = None  # None: as GPipe's
 
     def time(self, nbytes: float) -> float:
         return self.latency + nbytes / self.bandwidth if nbytes else 0.0
+
+    def overhead(self, kind: str) -> float:
+        """The schedule's cost per micro-batch forward or backward (``kind``: gpipe or 1f1b)."""
+        if kind == "1f1b" and self.op_overhead_1f1b is not None:
+            return self.op_overhead_1f1b
+        return self.op_overhead
 
 
 FREE = Link(0.0, math.inf)
@@ -201,7 +209,7 @@ def _scheduled_segment(stages: list[StageTimes], link: Link, steps: int, kind: s
     """GPipe or 1F1B steps: every operation once its stage is free and its input has arrived."""
     n, m = len(stages), microbatches
     orders = [schedule_order(kind, n, s, m) for s in range(n)]
-    extra = link.op_overhead
+    extra = link.overhead(kind)
     micro = [tuple(t + extra for t in st.micro(m)) for st in stages]
     msg = [link.time(st.act_bytes / m) for st in stages]
     ready = [0.0] * n
@@ -233,14 +241,15 @@ def _scheduled_segment(stages: list[StageTimes], link: Link, steps: int, kind: s
 
 
 def fit_op_overhead(link: Link, act_bytes: float, microbatches: int, measured: float,
-                    stages: int = 2) -> float:
-    """The ``op_overhead`` with which a GPipe step of ``stages`` stages that compute nothing and
-    send ``act_bytes`` per batch takes ``measured`` seconds (0 if the messages alone take that)."""
+                    stages: int = 2, kind: str = "gpipe") -> float:
+    """The ``op_overhead`` with which a ``kind`` (gpipe, 1f1b) step of ``stages`` stages that
+    compute nothing and send ``act_bytes`` per batch takes ``measured`` seconds (0 if the messages
+    alone take that)."""
     null = [StageTimes(0.0, 0.0, 0.0, act_bytes=int(act_bytes))] * stages
 
     def step(overhead: float) -> float:
-        probe = Link(link.latency, link.bandwidth, overhead)
-        return _scheduled_segment(null, probe, 1, "gpipe", microbatches)
+        probe = Link(link.latency, link.bandwidth, overhead, overhead)
+        return _scheduled_segment(null, probe, 1, kind, microbatches)
 
     lo, hi = 0.0, max(measured, 0.0)
     if step(lo) >= measured:

@@ -182,7 +182,7 @@ class Stage:
         self.in_stale: list[tuple[int, int]] = []
         self.in_losses: list[tuple[int, float]] = []
         # the values of the task's step: the loss (last stage), the inner interfaces' losses
-        self.values: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.values: dict[str, list[tuple[int, torch.Tensor | float]]] = defaultdict(list)
         self.upd: list[bool] = []  # this step's update coins
         self.grad_above: torch.Tensor | None = None  # locked: the gradient from above
 
@@ -229,8 +229,8 @@ class Stage:
         # from the gradient top_gradient gives
         values = self.task.slice_step(self.net, self.inner, x, y, data,
                                       top=None if self.last else self.top_gradient)
-        for tag, value in values.items():
-            self.values[tag].append((self.step, float(value)))
+        for tag, value in values.items():  # detached scalars, read at the next report
+            self.values[tag].append((self.step, value))
         if self.locked and self.boundary is not None:  # train_only: M learns from the true one
             self.train_synthesizer(self.up.pending.popleft(), self.grad_above)
         if not self.first:
@@ -350,7 +350,8 @@ class Stage:
     def finite_check_values(self) -> dict[str, float]:
         """What the divergence guard checks: the sums of this stage's losses since the last
         report."""
-        values = {tag: float(sum(v for _, v in entries)) for tag, entries in self.values.items()}
+        values = {tag: float(sum(float(v) for _, v in entries))
+                  for tag, entries in self.values.items()}
         if self.boundary is not None:
             values[f"dni/{self.split.boundaries[self.rank]}/sg_loss"] = float(
                 sum(v for _, v in self.sg_losses))
@@ -361,7 +362,9 @@ class Stage:
 
     def report(self) -> dict:
         r = {"stale": self.stale, "sg": self.sg_losses, "cos": self.cosines,
-             "values": dict(self.values), "in_stale": self.in_stale, "in_loss": self.in_losses}
+             "values": {tag: [(step, float(v)) for step, v in entries]
+                        for tag, entries in self.values.items()},
+             "in_stale": self.in_stale, "in_loss": self.in_losses}
         self.stale, self.sg_losses, self.cosines, self.values = [], [], [], defaultdict(list)
         self.in_stale, self.in_losses = [], []
         return r

@@ -67,12 +67,17 @@ class _Clock:
 
 
 def measure_stages(cfg: DictConfig, microbatches: Iterable[int] = (), repeats: int = 5,
-                   warmup: int = 2) -> list[StageTimes]:
+                   warmup: int = 2, turns: bool = False) -> list[StageTimes]:
     """Per-stage times of ``cfg``'s split (see the module docstring), with micro-batch times for
     each count in ``microbatches`` that divides the batch.  Every stage is timed in its own
-    process on one thread, all at the same time (as the pipeline runs them: they share the
+    process on one thread, all at the same time (as the DNI pipeline runs them: they share the
     machine's memory and whatever else runs on it); a stage that is done keeps running until
-    all are."""
+    all are.
+
+    ``turns``: the stages take turns as stop-and-wait backprop runs them (forward up the stages,
+    backward down, each stage idle while it waits for its neighbour's message, which is a
+    4-byte one here), so that each part is timed as it runs right after such a wait; the waits
+    themselves are not timed, and no micro-batch is."""
     import torch.multiprocessing as mp
 
     if cfg.dni.get("synthetic_input") is not None:
@@ -83,18 +88,25 @@ def measure_stages(cfg: DictConfig, microbatches: Iterable[int] = (), repeats: i
     ctx = mp.get_context("spawn")
     results, done = ctx.SimpleQueue(), ctx.Value("i", 0)
     barrier = ctx.Barrier(stages)
-    counts = [int(m) for m in microbatches]
+    counts = [] if turns else [int(m) for m in microbatches]
+    port = None
+    if turns:
+        from sgrun.pipeline.launch import free_port
+        port = free_port(0)
     mp.start_processes(_measure_worker, args=(container, counts, repeats, warmup, barrier, done,
-                                              results), nprocs=stages, start_method="spawn")
+                                              results, port), nprocs=stages, start_method="spawn")
     got = dict(results.get() for _ in range(stages))
     return [got[rank] for rank in range(stages)]
 
 
 def _measure_worker(rank: int, container: dict, counts: list[int], repeats: int, warmup: int,
-                    barrier, done, results) -> None:
+                    barrier, done, results, port: int | None = None) -> None:
     torch.set_num_threads(1)
     cfg = OmegaConf.create(container)
     stage = _build_stage(cfg, rank)
+    if port is not None:
+        _take_turns(stage, port, repeats, warmup, results)
+        return
     barrier.wait()
     clock, mclocks = _Clock(), {m: _Clock() for m in counts if stage.batch % m == 0}
     act_bytes, rounds = 0, 0
@@ -118,6 +130,41 @@ def _measure_worker(rank: int, container: dict, counts: list[int], repeats: int,
         data=clock.median("data"), act_bytes=act_bytes, mb=mb)))
 
 
+def _take_turns(stage: Stage, port: int, repeats: int, warmup: int, results) -> None:
+    """``warmup + repeats`` steps of every stage in stop-and-wait order (see
+    :func:`measure_stages`)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    s, n = stage.rank, stage.split.stages
+    dist.init_process_group("gloo", rank=s, world_size=n)
+    token = torch.zeros(1)
+    try:
+        def below() -> None:  # the activation from below
+            if s > 0:
+                dist.recv(token, s - 1)
+
+        def above() -> None:  # the activation goes up, its gradient comes back
+            if s < n - 1:
+                dist.send(token, s + 1)
+                dist.recv(token, s + 1)
+
+        def down() -> None:  # the gradient of the input goes back down
+            if s > 0:
+                dist.send(token, s - 1)
+
+        clock = _Clock()
+        out = None
+        for r in range(warmup + repeats):
+            below()
+            out = _one_step(stage, clock, warmup <= r, waits=(above, down))
+        results.put((s, StageTimes(
+            fwd=clock.median("fwd"), bwd=clock.median("bwd"), update=clock.median("update"),
+            syn_fwd=clock.median("syn_fwd"), syn_update=clock.median("syn_update"),
+            data=clock.median("data"),
+            act_bytes=0 if stage.last else out.numel() * out.element_size())))
+    finally:
+        dist.destroy_process_group()
+
+
 def _build_stage(cfg: DictConfig, rank: int) -> Stage:
     """Stage ``rank`` as a pipeline process builds it (same seed, same weights and split)."""
     torch.manual_seed(cfg.seed)
@@ -136,8 +183,10 @@ def _input(stage: Stage, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     return torch.randn(n, *stage.in_shape).requires_grad_(True), y
 
 
-def _one_step(stage: Stage, clock: _Clock, keep: bool) -> torch.Tensor:
-    """One step's parts, in the order :meth:`Stage.train_step` runs them."""
+def _one_step(stage: Stage, clock: _Clock, keep: bool, waits: tuple | None = None
+              ) -> torch.Tensor:
+    """One step's parts, in the order :meth:`Stage.train_step` runs them; ``waits``: what to wait
+    for after the forward and after the backward (not timed), as stop-and-wait backprop does."""
     clock.start()
     x, y = _input(stage, stage.batch)
     n = y.shape[0]
@@ -151,6 +200,9 @@ def _one_step(stage: Stage, clock: _Clock, keep: bool) -> torch.Tensor:
     if synthetic:
         delta_hat, snapshot = stage.predict(stage.boundary.synthesizer, (out, ctx))
         clock.lap("syn_fwd", keep)
+    if waits is not None:
+        waits[0]()
+        clock.start()
     if loss is not None:
         loss.backward()
     elif synthetic:
@@ -158,6 +210,9 @@ def _one_step(stage: Stage, clock: _Clock, keep: bool) -> torch.Tensor:
     else:
         out.backward(torch.randn_like(out) / n)
     clock.lap("bwd", keep)
+    if waits is not None:
+        waits[1]()
+        clock.start()
     stage.opt.step()
     stage.sched.step()
     clock.lap("update", keep)
@@ -205,35 +260,43 @@ def _ping(rank: int, port: int, sizes: list[int], repeats: int, probe: tuple, re
         times = []
         for size in sizes:
             buf = torch.zeros(max(1, size // 4))
-            for r in range(repeats + 2):
-                if r == 2:
-                    dist.barrier()
-                    start = time.perf_counter()
+            rounds = []  # seconds of each round trip, the first two left out (warm-up)
+            dist.barrier()
+            for _ in range(repeats + 2):
+                start = time.perf_counter()
                 if rank == 0:
                     dist.send(buf, 1)
                     dist.recv(buf, 1)
                 else:
                     dist.recv(buf, 0)
                     dist.send(buf, 0)
-            times.append((time.perf_counter() - start) / (2 * repeats))
-        steps = {m: _null_schedule(rank, *probe[:2], m, repeats) for m in probe[2]}
+                rounds.append(time.perf_counter() - start)
+            # the median round trip: one late wake-up of either process moves a mean by far more
+            # than the message costs
+            times.append(statistics.median(rounds[2:]) / 2)
+        steps = {kind: {m: _null_schedule(rank, *probe[:2], m, repeats, kind) for m in probe[2]
+                        if m >= 2 or kind == "gpipe"} for kind in ("gpipe", "1f1b")}
         if rank == 0:
             results.put((times, steps))
     finally:
         dist.destroy_process_group()
 
 
-def _null_schedule(rank: int, batch: int, width: int, microbatches: int, repeats: int) -> float:
-    """Median seconds of a ``ScheduleGPipe`` step over two :class:`_Null` stages whose messages
-    are those of the real stages."""
+def _null_schedule(rank: int, batch: int, width: int, microbatches: int, repeats: int,
+                   kind: str = "gpipe") -> float:
+    """Median seconds of a ``kind`` (gpipe, 1f1b) step over two :class:`_Null` stages whose
+    messages are those of the real stages."""
     from torch.distributed import pipelining
+
+    from sgrun.pipeline.split import TORCH_SCHEDULES
 
     mb = batch // microbatches
     stage = pipelining.PipelineStage(
         _Null(), rank, 2, torch.device("cpu"),
         input_args=torch.empty(mb, width).requires_grad_(rank == 1),
         output_args=torch.empty(mb, width).requires_grad_(True))
-    schedule = pipelining.ScheduleGPipe(stage, microbatches, loss_fn=lambda out, _: out.mean())
+    schedule = getattr(pipelining, TORCH_SCHEDULES[kind])(stage, microbatches,
+                                                          loss_fn=lambda out, _: out.mean())
     x = torch.randn(batch, width)
     times = []
     for _ in range(repeats + 2):
@@ -247,12 +310,12 @@ def _null_schedule(rank: int, batch: int, width: int, microbatches: int, repeats
     return statistics.median(times[2:])
 
 
-def measure_link(nbytes: int, batch: int, microbatches: Iterable[int] = (), repeats: int = 20
+def measure_link(nbytes: int, batch: int, microbatches: Iterable[int] = (), repeats: int = 100
                  ) -> tuple[Link, dict]:
     """The :class:`Link` between two processes on this machine: latency and bandwidth from the
     one-way seconds of a 4-byte message and of one of ``nbytes`` (a batch's activation), and the
-    per-operation overhead of torch's schedules, fitted to a ``ScheduleGPipe`` step with nothing
-    to compute and the same messages, for each count in ``microbatches``."""
+    per-operation overhead of each of torch's schedules (GPipe, 1F1B), fitted to its steps with
+    nothing to compute and the same messages, for each count in ``microbatches``."""
     import torch.multiprocessing as mp
 
     from sgrun.pipeline import cost
@@ -268,8 +331,11 @@ def measure_link(nbytes: int, batch: int, microbatches: Iterable[int] = (), repe
     (small, large), steps = results.get()
     extra = large - small
     link = cost.Link(small, (sizes[1] - sizes[0]) / extra if extra > 0 else float("inf"))
-    fitted = [cost.fit_op_overhead(link, 4 * width * batch, m, t) for m, t in steps.items()]
-    if fitted:
-        link = cost.Link(link.latency, link.bandwidth, statistics.mean(fitted))
-    return link, {"one_way": dict(zip(sizes, (small, large))), "null_gpipe_step": steps,
-                  "op_overhead": dict(zip(steps, fitted))}
+    fitted = {kind: {m: cost.fit_op_overhead(link, 4 * width * batch, m, t, kind=kind)
+                     for m, t in by_count.items()} for kind, by_count in steps.items()}
+    if fitted["gpipe"]:
+        link = cost.Link(link.latency, link.bandwidth, statistics.mean(fitted["gpipe"].values()),
+                         (statistics.mean(fitted["1f1b"].values()) if fitted["1f1b"] else None))
+    return link, {"one_way": dict(zip(sizes, (small, large))),
+                  "null_gpipe_step": steps["gpipe"], "op_overhead": fitted["gpipe"],
+                  "null_1f1b_step": steps["1f1b"], "op_overhead_1f1b": fitted["1f1b"]}

@@ -10,11 +10,12 @@ asked for.  Inputs from another stage and targets are random tensors of the righ
 time is the median of ``repeats`` after ``warmup`` unmeasured rounds.
 
 :func:`measure_stages` times all stages at once, one process each: a stage shares the machine
-with the others as it does in the pipeline (on a loaded machine, with everything else too).
+with the others as it does in the DNI pipeline (on a loaded machine, with everything else too).
+With ``turns=True`` the stages take turns instead, as stop-and-wait backprop runs them.
 
 :func:`measure_link` sends messages back and forth between two ``gloo`` processes on this machine,
-and times torch's GPipe schedule on two stages with nothing to compute, to find its own cost per
-micro-batch operation.
+and times torch's GPipe and 1F1B schedules on two stages with nothing to compute, to find each
+one's own cost per micro-batch operation.
 """
 
 from __future__ import annotations
@@ -124,10 +125,15 @@ def _measure_worker(rank: int, container: dict, counts: list[int], repeats: int,
                 done.value += 1
             total = done.value
     mb = tuple((m, c.median("fwd"), c.median("bwd")) for m, c in mclocks.items())
-    results.put((rank, StageTimes(
-        fwd=clock.median("fwd"), bwd=clock.median("bwd"), update=clock.median("update"),
-        syn_fwd=clock.median("syn_fwd"), syn_update=clock.median("syn_update"),
-        data=clock.median("data"), act_bytes=act_bytes, mb=mb)))
+    results.put((rank, _stage_times(clock, act_bytes, mb)))
+
+
+def _stage_times(clock: _Clock, act_bytes: int, mb: tuple = ()) -> StageTimes:
+    """The medians of ``clock``'s parts."""
+    return StageTimes(fwd=clock.median("fwd"), bwd=clock.median("bwd"),
+                      update=clock.median("update"), syn_fwd=clock.median("syn_fwd"),
+                      syn_update=clock.median("syn_update"), data=clock.median("data"),
+                      act_bytes=act_bytes, mb=mb)
 
 
 def _take_turns(stage: Stage, port: int, repeats: int, warmup: int, results) -> None:
@@ -156,11 +162,7 @@ def _take_turns(stage: Stage, port: int, repeats: int, warmup: int, results) -> 
         for r in range(warmup + repeats):
             below()
             out = _one_step(stage, clock, warmup <= r, waits=(above, down))
-        results.put((s, StageTimes(
-            fwd=clock.median("fwd"), bwd=clock.median("bwd"), update=clock.median("update"),
-            syn_fwd=clock.median("syn_fwd"), syn_update=clock.median("syn_update"),
-            data=clock.median("data"),
-            act_bytes=0 if stage.last else out.numel() * out.element_size())))
+        results.put((s, _stage_times(clock, 0 if stage.last else out.numel() * out.element_size())))
     finally:
         dist.destroy_process_group()
 
